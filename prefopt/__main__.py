@@ -1,0 +1,5 @@
+"""`python -m prefopt`: see prefopt.cli."""
+
+from prefopt.cli import main
+
+main()

@@ -1,0 +1,462 @@
+"""Build and cache the gold task's artifacts: tokenizer, reference policy and preference pairs.
+
+- `build_tokenizer`: a word-level tokenizer over `gold_task.VOCAB`. ``tokenizer("film :")`` is
+  ``[<bos>, film, :]`` and ``tokenizer("good film", add_special_tokens=False)`` is just the words, so the
+  DataModule's ``prompt ids + completion ids + [eos]`` is exactly ``<bos> TOPIC : w1 .. wL <eos>``.
+- `ensure_reference`: a tiny Llama fine-tuned on base samples (SFT, prompt masked) so that pi_ref ~ pi_base
+  (KL(base || ref) ~ 0.02 nats). Cached under ``cache_dir/reference-<hash of the recipe>``.
+- `ensure_pairs`: two reference samples per training prompt, labelled by a Bradley-Terry draw on the gold
+  reward. Cached under ``cache_dir/pairs-<hash of (reference, seed, sizes, T)>``; a new seed redraws the
+  pairs (GOLD_TASK pitfall 3).
+- `sample_responses` / `score_responses`: batched temperature sampling with a KV cache and an explicit
+  generator (the global torch RNG is never touched, so a resumed run reproduces an uninterrupted one), and
+  summed completion log-probs of the very same token sequences under any model.
+
+Every artifact is written into a temporary directory next to its final place and moved there with one
+`os.replace`, so a crash never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from prefopt import gold_task as task
+
+log = logging.getLogger(__name__)
+
+# Bump when the build code changes in a way the recipe fields do not capture: every cache key changes.
+RECIPE_VERSION = 1
+PAIRS_VERSION = 1
+REFERENCE_META = "prefopt_reference.json"
+PAIRS_META = "meta.json"
+
+# A response is (topic, words, ended_with_eos): what `sample_responses` returns and `score_responses` reads.
+Response = tuple[str, list[str], bool]
+
+
+def default_cache_dir() -> Path:
+    """$PREFOPT_CACHE if set, else ~/.cache/prefopt."""
+    return Path(os.environ.get("PREFOPT_CACHE") or Path.home() / ".cache" / "prefopt")
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _derive_seed(*parts: object) -> int:
+    """An independent 63-bit seed per purpose, so e.g. the val pairs do not depend on the train size."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `final`; on success move it to `final` in one step, else delete it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same artifact first: keep theirs
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `gold_task.VOCAB` (ids = positions), whitespace-split, <bos> prepended."""
+    vocab = {word: i for i, word in enumerate(task.VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=task.UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Only <bos> is added; the DataModule appends <eos> itself after the completion.
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{task.BOS} $A", pair=f"{task.BOS} $A $B", special_tokens=[(task.BOS, vocab[task.BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=task.BOS,
+        eos_token=task.EOS,
+        pad_token=task.PAD,
+        unk_token=task.UNK,
+        model_max_length=64,  # a full sequence is at most 3 + 16 + 1 tokens
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, topic: str) -> list[int]:
+    return tokenizer(task.prompt_text(topic))["input_ids"]
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    topics: Sequence[str],
+    num_per_topic: int,
+    generator: torch.Generator,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 4096,
+) -> list[Response]:
+    """Sample `num_per_topic` responses per topic; returns (topic, words, ended_with_eos) in topic order.
+
+    Tokens are drawn on the CPU from `generator` (a CPU generator), whatever the model's device, so the
+    samples depend only on the generator's state and the model's probabilities. A response that reaches
+    `max_new_tokens` without <eos> is returned with ended_with_eos=False (no <eos> is forced).
+    temperature 0 is greedy decoding.
+    """
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    rows = [topic for topic in topics for _ in range(num_per_topic)]
+    prompts = [_prompt_ids(tokenizer, t) for t in rows]
+    was_training = model.training
+    model.eval()
+    out: list[Response] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = prompts[start : start + batch_size]
+            if len({len(p) for p in chunk}) != 1:
+                raise ValueError("every prompt must tokenize to the same length (no padding is used)")
+            input_ids = torch.tensor(chunk, device=device)  # (B, P)
+            generated = torch.full((len(chunk), max_new_tokens), pad_id, dtype=torch.long)  # (B, N), CPU
+            done = torch.zeros(len(chunk), dtype=torch.bool)  # (B,)
+            cache = None
+            for step in range(max_new_tokens):
+                output = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+                cache = output.past_key_values
+                logits = output.logits[:, -1].float().cpu()  # (B, V)
+                if temperature == 0:
+                    token = logits.argmax(dim=-1)  # (B,)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                token = torch.where(done, pad_id, token)  # finished rows keep feeding pad; ignored
+                generated[:, step] = token
+                done |= token == eos_id
+                if bool(done.all()):
+                    break
+                input_ids = token.unsqueeze(1).to(device)  # (B, 1)
+            for topic, ids in zip(rows[start : start + len(chunk)], generated.tolist()):
+                ended = eos_id in ids
+                words = ids[: ids.index(eos_id)] if ended else ids
+                out.append((topic, tokenizer.convert_ids_to_tokens(words), ended))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def score_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    responses: Sequence[Response],
+    batch_size: int = 2048,
+) -> torch.Tensor:
+    """Summed completion log-prob log pi(y | x) of each response under `model`: (N,) float32 on the CPU.
+
+    The sequence is rebuilt exactly as sampled: prompt ids, the word tokens (the tokenizer is a bijection on
+    tokens) and <eos> when the response ended with it. Prompt tokens are excluded; <eos> is included.
+    """
+    device = next(model.parameters()).device
+    seqs, starts = [], []
+    for topic, words, ended in responses:
+        prompt = _prompt_ids(tokenizer, topic)
+        completion = tokenizer.convert_tokens_to_ids(list(words)) + ([tokenizer.eos_token_id] if ended else [])
+        seqs.append(prompt + completion)
+        starts.append(len(prompt))
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(seqs))
+    try:
+        for lo in range(0, len(seqs), batch_size):
+            chunk, chunk_starts = seqs[lo : lo + batch_size], starts[lo : lo + batch_size]
+            width = max(len(s) for s in chunk)
+            # Right padding needs no attention mask in a causal model: pads only come after real tokens.
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+            for i, s in enumerate(chunk):
+                ids[i, : len(s)] = torch.tensor(s)
+            logits = model(input_ids=ids.to(device)).logits[:, :-1].float()  # (B, T-1, V): predicts ids[:, 1:]
+            token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+            pos = torch.arange(1, width)[None, :]  # (1, T-1): index of the predicted token
+            lengths = torch.tensor([len(s) for s in chunk])[:, None]
+            mask = (pos >= torch.tensor(chunk_starts)[:, None]) & (pos < lengths)  # completion tokens only
+            out[lo : lo + len(chunk)] = (token_logps.cpu() * mask).sum(dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference policy
+
+
+@dataclass(frozen=True)
+class ReferenceRecipe:
+    """Every setting of the reference build; its hash (with RECIPE_VERSION and the task) names the cache."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    num_samples: int = 50_000  # base samples over all 12 topics
+    steps: int = 1500  # 500 steps left KL at 0.09 nats (GOLD_TASK.md)
+    batch_size: int = 128
+    lr: float = 3e-3  # peak of the one-cycle schedule
+    weight_decay: float = 0.0
+    seed: int = 0
+    kl_samples: int = 8192  # base samples used to measure KL(base || ref) after training
+
+
+def reference_key(recipe: ReferenceRecipe) -> str:
+    """Hash of the recipe, the build version and the task definition (vocabulary and base distribution)."""
+    task_def = {"vocab": task.VOCAB, "weights": task.CATEGORY_WEIGHTS, "lengths": (task.MIN_LEN, task.MAX_LEN)}
+    return _hash({"version": RECIPE_VERSION, "recipe": dataclasses.asdict(recipe), "task": task_def})
+
+
+def _model_config(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _sft_batch_data(tokenizer: PreTrainedTokenizerBase, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n base sequences ``<bos> TOPIC : w.. <eos>`` right-padded to (n, 3 + MAX_LEN + 1) token ids."""
+    topics = [task.TOPICS[i] for i in torch.randint(len(task.TOPICS), (n,), generator=generator).tolist()]
+    words = task.sample_base(topics, generator)
+    ids = torch.full((n, 3 + task.MAX_LEN + 1), tokenizer.pad_token_id, dtype=torch.long)
+    for i, (topic, ws) in enumerate(zip(topics, words)):
+        seq = _prompt_ids(tokenizer, topic) + tokenizer.convert_tokens_to_ids(ws) + [tokenizer.eos_token_id]
+        ids[i, : len(seq)] = torch.tensor(seq)
+    return ids
+
+
+def measure_base_kl(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_samples: int, seed: int
+) -> tuple[float, float]:
+    """Monte-Carlo KL(base || model) per sequence and its standard error, using the exact base log-prob."""
+    g = torch.Generator().manual_seed(seed)
+    topics = [task.TOPICS[i] for i in torch.randint(len(task.TOPICS), (num_samples,), generator=g).tolist()]
+    words = task.sample_base(topics, g)
+    base = np.array([task.base_logprob(t, w) for t, w in zip(topics, words)])
+    model_lp = score_responses(model, tokenizer, [(t, w, True) for t, w in zip(topics, words)]).double().numpy()
+    diff = base - model_lp
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+def _train_reference(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase) -> tuple[LlamaForCausalLM, float]:
+    """SFT of a fresh tiny Llama on base samples; returns the model (eval mode) and its final loss."""
+    # Parameter init draws from the global RNG inside transformers; fork it so the caller's stream is intact.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = LlamaForCausalLM(_model_config(recipe, tokenizer))
+    g = torch.Generator().manual_seed(_derive_seed(recipe.seed, "sft-data"))
+    data = _sft_batch_data(tokenizer, recipe.num_samples, g)  # (N, 16)
+    labels = data.clone()
+    labels[:, :3] = -100  # the prompt <bos> TOPIC : is given, not learned
+    labels[data == tokenizer.pad_token_id] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
+    model.train()
+    order, cursor, loss = torch.randperm(len(data), generator=g), 0, torch.tensor(float("nan"))
+    for _ in range(recipe.steps):
+        if cursor + recipe.batch_size > len(order):  # a new epoch, reshuffled
+            order, cursor = torch.randperm(len(data), generator=g), 0
+        idx = order[cursor : cursor + recipe.batch_size]
+        cursor += recipe.batch_size
+        loss = model(input_ids=data[idx], labels=labels[idx]).loss  # mean over completion tokens
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model, float(loss)
+
+
+def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecipe | None = None) -> Path:
+    """Directory of the reference policy (model and tokenizer, `save_pretrained` format); built if missing.
+
+    Deterministic from the recipe's seed. A changed recipe (or RECIPE_VERSION, or task definition) hashes to
+    a new directory and is rebuilt; the built one also holds REFERENCE_META with the measured KL(base || ref).
+    """
+    recipe = recipe or ReferenceRecipe()
+    final = Path(cache_dir or default_cache_dir()) / f"reference-{reference_key(recipe)}"
+    if (final / REFERENCE_META).is_file():
+        return final
+    log.info("building the gold-task reference in %s (takes about a minute)", final)
+    start = time.perf_counter()
+    tokenizer = build_tokenizer()
+    model, final_loss = _train_reference(recipe, tokenizer)
+    train_s = time.perf_counter() - start
+    kl, kl_se = measure_base_kl(model, tokenizer, recipe.kl_samples, _derive_seed(recipe.seed, "kl"))
+    meta = {
+        "key": reference_key(recipe),
+        "recipe_version": RECIPE_VERSION,
+        "recipe": dataclasses.asdict(recipe),
+        "kl_base_ref": kl,
+        "kl_base_ref_se": kl_se,
+        "final_sft_loss": final_loss,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_s,
+    }
+    with _atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / REFERENCE_META).write_text(json.dumps(meta, indent=2))
+    log.info("built the reference in %.1f s: KL(base || ref) = %.4f ± %.4f nats", train_s, kl, kl_se)
+    return final
+
+
+def load_reference(reference_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The reference model (fp32, eval mode) and its tokenizer from a directory of `ensure_reference`."""
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(reference_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference pairs
+
+
+def _reference_identity(reference_dir: Path) -> str:
+    """The recipe key of one of our references; for any other directory, a hash of its weight files."""
+    meta = reference_dir / REFERENCE_META
+    if meta.is_file():
+        return json.loads(meta.read_text())["key"]
+    digest = hashlib.sha256()
+    for f in sorted(reference_dir.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _valid(response: Response) -> bool:
+    """Usable in a pair: ended with <eos>, non-empty, and only content words (no stray special tokens)."""
+    _, words, ended = response
+    return ended and len(words) > 0 and all(w in task.CONTENT_WORDS for w in words)
+
+
+def _sample_pairs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_pairs: int, temperature: float,
+    generator: torch.Generator,
+) -> tuple[list[dict[str, object]], dict[str, float]]:  # fmt: skip
+    """n_pairs labelled pairs per training prompt, ordered pair index first so any prefix is balanced."""
+    pools: dict[str, list[Response]] = {t: [] for t in task.TRAIN_TOPICS}
+    drawn = 0
+    while any(len(p) < 2 * n_pairs for p in pools.values()):
+        # Oversample a little: invalid responses (empty, truncated, stray tokens) are rare under the reference.
+        batch = sample_responses(model, tokenizer, task.TRAIN_TOPICS, 2 * n_pairs + n_pairs // 20 + 4, generator)
+        drawn += len(batch)
+        for response in batch:
+            if _valid(response):
+                pools[response[0]].append(response)
+    rows, agree, ties = [], 0, 0
+    for i in range(n_pairs):
+        for topic in task.TRAIN_TOPICS:
+            (_, a, _), (_, b, _) = pools[topic][2 * i], pools[topic][2 * i + 1]
+            r_a, r_b = task.gold_reward(topic, a), task.gold_reward(topic, b)
+            # P(a > b): Bradley-Terry at temperature T; T = 0 is its limit (the higher reward wins, ties 50/50).
+            if temperature > 0:
+                p_a = 1.0 / (1.0 + math.exp(-(r_a - r_b) / temperature))
+            else:
+                p_a = 1.0 if r_a > r_b else 0.0 if r_a < r_b else 0.5
+            a_wins = float(torch.rand((), generator=generator)) < p_a
+            (chosen, r_c), (rejected, r_r) = ((a, r_a), (b, r_b)) if a_wins else ((b, r_b), (a, r_a))
+            ties += r_a == r_b
+            agree += r_c > r_r
+            rows.append({
+                "prompt": task.prompt_text(topic), "chosen": " ".join(chosen), "rejected": " ".join(rejected),
+                "chosen_reward": r_c, "rejected_reward": r_r, "topic": topic,
+            })  # fmt: skip
+    stats = {
+        "pairs": len(rows),
+        "ties": ties,
+        "label_agreement": agree / max(len(rows) - ties, 1),  # among pairs with distinct rewards
+        "discarded_fraction": 1 - sum(len(p) for p in pools.values()) / drawn,
+    }
+    return rows, stats
+
+
+def ensure_pairs(
+    reference_dir: str | Path,
+    seed: int,
+    pairs_per_prompt: int = 500,
+    val_pairs_per_prompt: int = 64,
+    label_temperature: float = 1.0,
+    cache_dir: str | Path | None = None,
+) -> tuple[Path, Path]:
+    """Paths of train.jsonl and val.jsonl: reference sample pairs on the 8 training prompts, gold-labelled.
+
+    Both responses of a pair are sampled from the reference at temperature 1 with max 16 new tokens. Responses
+    that are empty, that hit the 16-token cap without <eos> or that hold non-content tokens are discarded
+    before pairing (rejection sampling; their mass under the reference is ~1e-3). Labels: chosen is `a` with
+    probability sigmoid((R(a) - R(b)) / T); T = 0 means the higher gold reward wins and ties are a fair coin.
+    The pairs depend on `seed` (and only on it, given the reference and sizes); val pairs are drawn from an
+    independent stream, so they do not change with `pairs_per_prompt`.
+    """
+    if label_temperature < 0:
+        raise ValueError(f"label_temperature must be >= 0, got {label_temperature}")
+    reference_dir = Path(reference_dir)
+    settings = {
+        "version": PAIRS_VERSION, "reference": _reference_identity(reference_dir), "seed": seed,
+        "pairs_per_prompt": pairs_per_prompt, "val_pairs_per_prompt": val_pairs_per_prompt,
+        "label_temperature": label_temperature, "topics": task.TRAIN_TOPICS, "max_new_tokens": 16,
+    }  # fmt: skip
+    final = Path(cache_dir or default_cache_dir()) / f"pairs-{_hash(settings)}"
+    train_path, val_path = final / "train.jsonl", final / "val.jsonl"
+    if (final / PAIRS_META).is_file():
+        return train_path, val_path
+    start = time.perf_counter()
+    model, tokenizer = load_reference(reference_dir)
+    meta: dict[str, object] = {"settings": settings}
+    with _atomic_dir(final) as tmp:
+        for split, n in (("train", pairs_per_prompt), ("val", val_pairs_per_prompt)):
+            generator = torch.Generator().manual_seed(_derive_seed(seed, split, "pairs"))
+            rows, meta[split] = _sample_pairs(model, tokenizer, n, label_temperature, generator)
+            with open(tmp / f"{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        meta["seconds"] = time.perf_counter() - start
+        (tmp / PAIRS_META).write_text(json.dumps(meta, indent=2))
+    log.info("sampled gold-task pairs in %.1f s into %s: %s", meta["seconds"], final, meta["train"])
+    return train_path, val_path

@@ -1,0 +1,246 @@
+"""The loss registry: a dict from name to a pure loss function plus its metadata.
+
+A loss is registered with `@register(name, ...)` on a function `fn(lp, *, hyper=default, ...) -> Tensor`
+that maps a log-prob record (`PairLogps` or `UnpairedLogps`) to per-example losses of shape (B,). Its
+keyword-only signature *is* its hyperparameter schema: each hyperparameter is typed, and its valid range is
+an `Annotated[float, Range(...)]` (or a `Literal[...]` for closed choices). The training module asks the
+metadata (needs a reference? paired or unpaired rows?) and never branches on a loss name.
+
+A `LossConfig` is what a YAML file names: `{name: dpo, beta: 0.1}`. It is registered as a jsonargparse
+type, so an unknown name or an out-of-range value fails while the config is parsed (`--print_config`
+included), before any model loads, and the error lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from torch import Tensor
+
+from prefopt.records import PairLogps, UnpairedLogps
+
+
+@dataclass(frozen=True)
+class Range:
+    """Valid range of a numeric hyperparameter: low < x (or <=) and x < high (or <=); None is unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, x: float) -> bool:
+        if self.low is not None and (x < self.low or (x == self.low and not self.low_inclusive)):
+            return False
+        if self.high is not None and (x > self.high or (x == self.high and not self.high_inclusive)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + f"{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}" + ("]" if self.high_inclusive else ")")
+        return f"{lo}, {hi}"
+
+
+# Shorthands for the common ranges.
+Positive = Annotated[float, Range(0.0, None, low_inclusive=False)]
+NonNegative = Annotated[float, Range(0.0, None)]
+UnitInterval = Annotated[float, Range(0.0, 1.0)]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    type: Any  # the base type: float, int, bool, str, list, ...
+    default: Any
+    range: Range | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {', '.join(map(repr, self.choices))}"
+        if self.range is not None:
+            return f"{getattr(self.type, '__name__', self.type)} in {self.range}"
+        return getattr(self.type, "__name__", str(self.type))
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Return `value` coerced to this hyperparameter's type, or raise ValueError naming `where`."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, self.choices))}")
+            return value
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true or false, got {value!r}")
+            return value
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: expected a number, got {value!r}")
+            if self.type is int and not float(value).is_integer():
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            value = self.type(value)
+            if not math.isfinite(value) or (self.range is not None and not self.range.contains(value)):
+                raise ValueError(f"{where}: {value!r} is outside the valid range {self.range}")
+            return value
+        if self.type is list and not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return value
+
+
+def _hyperparameters(fn: Callable) -> tuple[Hyperparameter, ...]:
+    """Read the keyword-only parameters of `fn` (with their annotations) as hyperparameters."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"hyperparameter {fn.__name__}.{p.name} needs a default")
+        hint, rng, choices = hints[p.name], None, None
+        if typing.get_origin(hint) is Annotated:
+            hint, *extras = typing.get_args(hint)
+            rng = next((e for e in extras if isinstance(e, Range)), None)
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            hint = type(choices[0])
+        base = typing.get_origin(hint) or hint
+        if base is types.UnionType or base is typing.Union:
+            base = object
+        out.append(Hyperparameter(p.name, base, p.default, rng, choices))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function and what the training loop and the docs need to know about it."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    paper: str  # authors, year, arXiv id, and the equation
+    formula: str  # the per-example loss in one line, in shared/LOSSES.md notation
+    needs_reference: bool  # does training need reference log-probs?
+    paired: bool  # True: (prompt, chosen, rejected) pairs; False: (prompt, completion, label) rows
+    aggregation: str  # how completion log-probs are aggregated: "sum", "mean", or which option decides
+    reward: str  # the loss's own implicit reward, e.g. "beta * (logp - ref_logp)"
+    hyperparameters: tuple[Hyperparameter, ...] = field(default=())
+    # Which hyperparameter scales the reference-based reward in the shared metrics (None: scale 1).
+    reward_scale: str | None = "beta"
+    aliases: tuple[str, ...] = ()
+
+    def defaults(self) -> dict[str, Any]:
+        return {h.name: h.default for h in self.hyperparameters}
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(
+    name: str,
+    *,
+    paper: str,
+    formula: str,
+    needs_reference: bool,
+    paired: bool = True,
+    aggregation: str = "sum",
+    reward: str = "beta * (logp - ref_logp)",
+    reward_scale: str | None = "beta",
+    aliases: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register `fn` under `name` (and each alias); the function itself is returned unchanged."""
+
+    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        spec = LossSpec(
+            name, fn, paper, formula, needs_reference, paired, aggregation, reward,
+            _hyperparameters(fn), reward_scale, aliases,
+        )  # fmt: skip
+        for key in (name, *aliases):
+            if key in LOSSES:
+                raise KeyError(f"loss {key!r} is registered twice")
+            LOSSES[key] = spec
+        return fn
+
+    return decorate
+
+
+def loss_names() -> list[str]:
+    """Every name a config may use, aliases included, sorted."""
+    return sorted(LOSSES)
+
+
+class LossConfig:
+    """A validated choice of loss and hyperparameters: what `model.loss` in a YAML file holds.
+
+    `LossConfig("dpo", beta=0.1)` or, from YAML, `{name: dpo, beta: 0.1}`. Missing hyperparameters take the
+    function's defaults. Calling it on a record returns the per-example losses, shape (B,).
+    """
+
+    def __init__(self, name: str, **params: Any) -> None:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(loss_names())}")
+        self.name = name
+        self.spec = LOSSES[name]
+        known = {h.name: h for h in self.spec.hyperparameters}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise ValueError(f"loss {name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters: {valid}")
+        self.params = {k: h.validate(params.get(k, h.default), f"loss {name!r}, {k}") for k, h in known.items()}
+        check = getattr(self.spec.fn, "check_params", None)
+        if check is not None:  # cross-field checks and nested configs (composite losses)
+            check(self.params, f"loss {name!r}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> LossConfig:
+        """Build from a YAML/CLI value: a mapping with `name`, a bare name string, or a LossConfig."""
+        if isinstance(value, LossConfig):
+            return value
+        if isinstance(value, str):
+            import yaml  # a CLI value such as '{name: ipo, beta: 0.5}' or just 'ipo'
+
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, Mapping) else {"name": value}
+        if not isinstance(value, Mapping) or "name" not in value:
+            raise ValueError(f"a loss is a mapping with a 'name' key (valid names: {', '.join(loss_names())}), got {value!r}")
+        params = dict(value)
+        return cls(params.pop("name"), **params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference or bool(getattr(self.spec.fn, "needs_reference", lambda p: False)(self.params))
+
+    @property
+    def paired(self) -> bool:
+        return self.spec.paired
+
+    @property
+    def reward_scale(self) -> float:
+        """The factor (beta, usually) that turns a log-ratio into this loss's reward, for the shared metrics."""
+        return float(self.params[self.spec.reward_scale]) if self.spec.reward_scale else 1.0
+
+    def __call__(self, lp: PairLogps | UnpairedLogps) -> Tensor:
+        return self.spec.fn(lp, **self.params)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LossConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"LossConfig({self.name!r}{', ' if args else ''}{args})"
+
+
+def _register_jsonargparse_type() -> None:
+    from jsonargparse.typing import register_type
+
+    register_type(LossConfig, serializer=LossConfig.to_dict, deserializer=LossConfig.from_value)
+
+
+_register_jsonargparse_type()

@@ -1,0 +1,163 @@
+"""The LightningModule: a trainable policy, a frozen reference, and one registered loss.
+
+Each training step runs one concatenated forward of the 2B rows per model (policy always; reference only when the
+loss's metadata says it needs one), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
+record to the loss. The module asks the loss's metadata (`needs_reference`, `paired`) and never its name.
+
+The reference is frozen (eval mode, no gradients, not in the optimizer) and is not a registered submodule, so it is
+neither in the optimizer nor in checkpoints: it is reloaded from its source, which is what a resumed run needs. For
+reference-free losses it is loaded for validation only, so that every loss is measured by the same
+reference-based metrics (reward margin, accuracy, KL to the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel
+
+from prefopt.logps import forward_logits, pair_logps, token_kl, token_logps, unpaired_logps
+from prefopt.losses import LossConfig
+from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
+from prefopt.models import BUILTIN, freeze, load_causal_lm
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=5e-4)
+
+
+class PreferenceModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = BUILTIN,
+        loss: LossConfig = LossConfig("dpo"),
+        optimizer: OptimizerCallable = _adamw,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model: the policy's starting point and the reference: "gold" (the built-in task's reference), a hub
+                name, or a local `save_pretrained` directory.
+            loss: the loss and its hyperparameters, e.g. `{name: dpo, beta: 0.1}` (see docs/losses.md).
+            optimizer: the optimizer over the policy's parameters (class_path/init_args in YAML).
+            warmup_steps: linear learning-rate warmup from 0, in optimizer steps.
+            lr_schedule: after warmup: constant, linear decay to 0, or cosine decay to 0 at the last step.
+            dtype: parameter dtype of policy and reference.
+            attn_implementation: transformers attention backend ("sdpa", "eager", ...); None: its default.
+        """
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.save_hyperparameters(ignore=["optimizer", "loss"])
+        self.hparams["loss"] = loss.to_dict()
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.policy: PreTrainedModel | None = None
+        self._reference: list[PreTrainedModel] = []  # a list, so that nn.Module does not register it
+        # Running mean of all training log-ratios (BCO's reward shift); buffers, so a resumed run restores them.
+        self.register_buffer("logratio_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("logratio_count", torch.zeros((), dtype=torch.float64))
+        self.train_metrics = MeanMetrics(("loss", *PAIR_METRICS))
+        self.val_metrics = MeanMetrics(("loss", "kl_per_token", *PAIR_METRICS))
+
+    # ---------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation}
+        self.policy = load_causal_lm(self.hparams.model, **kwargs)
+        self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
+
+    @property
+    def reference(self) -> PreTrainedModel:
+        """The frozen reference, moved to the policy's device on first use."""
+        ref = self._reference[0]
+        if ref.device != self.device:
+            ref.to(self.device)
+        return ref
+
+    # ---------------------------------------------------------------- steps
+    def _token_logps(self, batch: dict[str, Tensor], with_reference: bool) -> tuple[Tensor, Tensor | None]:
+        policy = token_logps(forward_logits(self.policy, batch), batch["input_ids"], batch["completion_mask"])
+        if not with_reference:
+            return policy, None
+        with torch.no_grad():
+            ref = token_logps(forward_logits(self.reference, batch), batch["input_ids"], batch["completion_mask"])
+        return policy, ref
+
+    def _running_logratio_mean(self) -> Tensor:
+        return (self.logratio_sum / self.logratio_count.clamp(min=1)).float()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        policy, ref = self._token_logps(batch, with_reference=self.loss.needs_reference)
+        if self.loss.paired:
+            if ref is not None:
+                logratios = (policy - ref).detach().sum(-1)  # (2B,): r of every chosen and rejected row
+                self.logratio_sum += logratios.sum().double()
+                self.logratio_count += logratios.numel()
+            lp = pair_logps(policy, batch["completion_mask"], ref, self._running_logratio_mean())
+            values = pair_metrics(lp, self.loss.reward_scale)
+        else:
+            lp = unpaired_logps(policy, batch["completion_mask"], batch["desirable"], ref)
+            values = {}
+        loss = self.loss(lp).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss {self.loss} became {loss.item()} at training step {self.global_step} (epoch {self.current_epoch})"
+            )
+        values["loss"] = loss.detach()
+        for name, value in values.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
+        """Validation batches are always pairs: the same metrics for every loss, reference-free ones included."""
+        ids, mask = batch["input_ids"], batch["completion_mask"]
+        policy_logits = forward_logits(self.policy, batch)
+        ref_logits = forward_logits(self.reference, batch)
+        lp = pair_logps(token_logps(policy_logits, ids, mask), mask, token_logps(ref_logits, ids, mask),
+                        self._running_logratio_mean())  # fmt: skip
+        values = pair_metrics(lp, self.loss.reward_scale)
+        if self.loss.paired:  # an unpaired loss's value needs the mismatched KL rows of its own batches
+            values["loss"] = self.loss(lp).mean()
+        batch_size = lp.policy_chosen_logps.shape[0]
+        self.val_metrics.update(values, weight=batch_size)
+        kl_sum, tokens = token_kl(policy_logits, ref_logits, mask)
+        self.val_metrics.update({"kl_per_token": kl_sum / tokens}, weight=tokens)
+        for name, metric in self.val_metrics.items():
+            if name in values or name == "kl_per_token":
+                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    # ---------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if schedule == "linear":
+                return 1.0 - progress
+            if schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

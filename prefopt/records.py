@@ -1,0 +1,86 @@
+"""The log-prob records that every loss reads.
+
+The LightningModule computes these once per step, in one place (`prefopt.logps`), the same way for every
+loss, and hands them to the loss function. A loss never calls a model: it is a pure function of a record
+and its float hyperparameters.
+
+Conventions (shared/LOSSES.md):
+- a `*_logps` field is the *sum* over completion tokens of log pi(y_t | x, y_<t); the prompt is excluded;
+- a `*_lengths` field is the completion token count |y| as a float tensor (a loss that wants averages
+  divides by it);
+- `*_shared_logps` is the same sum restricted to the first min(|y_w|, |y_l|) completion tokens of the pair
+  (what LD-DPO needs); equal to the full sum for the shorter response;
+- every tensor is (B,) and lies on the same device; `ref_*` fields are None when the loss does not need a
+  reference and none was computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed completion log-probs of a batch of (prompt, chosen, rejected) pairs; every field is (B,)."""
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    policy_chosen_shared_logps: Tensor | None = None
+    policy_rejected_shared_logps: Tensor | None = None
+    ref_chosen_shared_logps: Tensor | None = None
+    ref_rejected_shared_logps: Tensor | None = None
+    # Running mean (over training so far) of the log-ratios r = logp - ref_logp of all responses, detached;
+    # a scalar tensor. BCO's reward shift is beta times this.
+    running_logratio_mean: Tensor | None = None
+
+    def replace(self, **changes: Tensor | None) -> PairLogps:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logps is not None and self.ref_rejected_logps is not None
+
+    def chosen_logratios(self) -> Tensor:
+        """r_w = logp(y_w) - ref_logp(y_w), shape (B,)."""
+        assert self.ref_chosen_logps is not None, "this loss needs reference log-probs"
+        return self.policy_chosen_logps - self.ref_chosen_logps
+
+    def rejected_logratios(self) -> Tensor:
+        """r_l = logp(y_l) - ref_logp(y_l), shape (B,)."""
+        assert self.ref_rejected_logps is not None, "this loss needs reference log-probs"
+        return self.policy_rejected_logps - self.ref_rejected_logps
+
+    def margins(self) -> Tensor:
+        """h = r_w - r_l, the log-ratio margin in nats, shape (B,)."""
+        return self.chosen_logratios() - self.rejected_logratios()
+
+
+@dataclass(frozen=True)
+class UnpairedLogps:
+    """Summed completion log-probs of a batch of (prompt, completion, desirable?) rows; every field is (B,).
+
+    `policy_kl_logps` / `ref_kl_logps` score *mismatched* (prompt i, completion j != i) rows of the same batch:
+    KTO estimates its reference point z0 = KL(pi || pi_ref) from them.
+    """
+
+    policy_logps: Tensor
+    lengths: Tensor
+    desirable: Tensor  # (B,) bool
+    ref_logps: Tensor | None = None
+    policy_kl_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+
+    def replace(self, **changes: Tensor | None) -> UnpairedLogps:
+        return dataclasses.replace(self, **changes)
+
+    def logratios(self) -> Tensor:
+        """r = logp(y) - ref_logp(y), shape (B,)."""
+        assert self.ref_logps is not None, "this loss needs reference log-probs"
+        return self.policy_logps - self.ref_logps

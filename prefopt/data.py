@@ -47,12 +47,11 @@ class GoldData:
 class EpochSeededSampler(Sampler[int]):
     """A shuffling sampler whose order depends only on (seed, epoch), not on the global RNG.
 
-    Lightning calls `set_epoch` each epoch, so a run resumed from a checkpoint sees the same order as an
-    uninterrupted one.
+    Lightning calls `set_epoch` each epoch. `skip` drops the first indices of the next pass (a resumed epoch).
     """
 
     def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,7 +61,23 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = torch.randperm(self.size, generator=g).tolist()[self.skip :]
+        self.skip = 0
+        return iter(order)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable; its position is restored by the DataModule.
+
+    Lightning pre-fetches one batch, so a count kept by the loader itself would be one ahead of training. The
+    DataModule instead reads the trainer's own count of completed batches when it builds the loader on resume.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> Tensor:
@@ -243,7 +258,10 @@ class PreferenceDataModule(L.LightningDataModule):
         else:
             data, collate, rows = self.train_examples, self.collate_pairs, hp.batch_size
         sampler = EpochSeededSampler(len(data), hp.seed)
-        return DataLoader(data, batch_size=rows, sampler=sampler, collate_fn=collate,
+        if self.trainer is not None:  # resuming mid-epoch: skip the batches this epoch already trained on
+            sampler.epoch = self.trainer.current_epoch
+            sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * rows
+        return ResumableDataLoader(data, batch_size=rows, sampler=sampler, collate_fn=collate,
                           num_workers=hp.num_workers, drop_last=hp.unpaired)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:

@@ -74,7 +74,7 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation}
-        self.policy = load_causal_lm(self.hparams.model, **kwargs)
+        self.policy = load_causal_lm(self.hparams.model, **kwargs).train()
         self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
 
     @property

@@ -1,0 +1,95 @@
+"""End-to-end runs of the CLI on a micro model: every registered loss, resume, NaN guard, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+
+from prefopt.cli import main
+from prefopt.losses import LOSSES, LossConfig
+
+LOSS_NAMES = sorted(LOSSES)
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _fit(*args: str) -> tuple[object, dict]:
+    cli = main(["fit", *args])
+    log_dir = Path(cli.trainer.log_dir)
+    return cli, json.loads((log_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_registered_loss_trains_end_to_end(name, micro_base):
+    """Each loss with its shipped experiment config (experiments/<name>.yaml) where there is one, else defaults."""
+    experiment = EXPERIMENTS / f"{name}.yaml"
+    override = f"--config={experiment}" if experiment.exists() else f"--model.loss={{name: {name}}}"
+    cli, metrics = _fit(override)
+    assert cli.model.loss.name == name
+    assert cli.trainer.global_step == 4
+    assert metrics["train_loss"] is not None and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    final = metrics["final"]
+    # The same reference-based metrics for every loss, reference-free and unpaired ones included.
+    for key in ("val/margin_nats", "val/accuracy", "val/kl_per_token", "val/chosen_logps", "val/reward_margin"):
+        assert key in final and torch.isfinite(torch.tensor(final[key])), key
+    assert final["val/kl_per_token"] > 0, "the policy moved away from the reference"
+    # The reference never trains and is not part of the checkpoint.
+    assert all(not p.requires_grad for p in cli.model.reference.parameters())
+    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("policy.") or "logratio" in k for k in ckpt["state_dict"])
+
+
+def test_resumed_run_matches_uninterrupted_run(micro_base, tmp_path):
+    """A run killed after step 4 and resumed from its step-4 checkpoint ends exactly like an uninterrupted run.
+
+    The checkpoint is taken mid-epoch (18 training pairs, batch 4), so the data order must resume mid-epoch too.
+    """
+    every4 = "--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, " \
+             "init_args: {every_n_train_steps: 4, save_top_k: -1, dirpath: %s}}"
+    cli, full = _fit("--trainer.max_steps=8", every4 % (tmp_path / "ckpts"))
+    step4 = next((tmp_path / "ckpts").glob("*step=4.ckpt"))
+    _, resumed = _fit("--trainer.max_steps=8", f"--ckpt_path={step4}")
+    assert resumed["step"] == full["step"] == 8
+    for key, value in full["final"].items():
+        assert resumed["final"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(micro_base, monkeypatch):
+    calls = {"n": 0}
+    real_call = LossConfig.__call__
+
+    def poisoned(self, lp):
+        calls["n"] += 1
+        out = real_call(self, lp)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(LossConfig, "__call__", poisoned)
+    with pytest.raises(FloatingPointError, match="training step 2"):
+        main(["fit"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.loss={name: dpoo}", "valid names: .*dpo"),
+        ("--model.loss={name: dpo, beta: -1}", "outside the valid range"),
+        ("--model.loss={name: dpo, beta: 0}", "outside the valid range"),
+        ("--model.loss={name: dpo, label_smoothing: 0.5}", "outside the valid range"),
+        ("--model.loss={name: dpo, bta: 0.1}", "no hyperparameter bta"),
+    ],
+)
+def test_bad_loss_config_fails_at_parse_time(override, message, micro_base, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr("prefopt.module.load_causal_lm", no_model)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", override, "--print_config"])
+    assert exc.value.code != 0
+    import re
+
+    assert re.search(message, capsys.readouterr().err)

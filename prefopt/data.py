@@ -228,11 +228,24 @@ class PreferenceDataModule(L.LightningDataModule):
         self.drop_counts = {"prompt_too_long": too_long_prompt, "identical": identical, "truncated": truncated}
         return out
 
+    def set_reference_logps(self, table: Tensor | None) -> None:
+        """Attach cached reference log-probs (N, 4) to the training pairs; batches then carry `ref_logps`."""
+        if table is not None and table.shape[0] != len(self.train_examples):
+            raise ValueError(f"reference table has {table.shape[0]} rows for {len(self.train_examples)} pairs")
+        for i, example in enumerate(self.train_examples):
+            if table is None:
+                example.pop("ref_logps", None)
+            else:
+                example["ref_logps"] = table[i]
+
     # ---------------------------------------------------------------- batching
     def collate_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        return collate_rows(prompts + prompts, completions, self.tokenizer.pad_token_id)
+        batch = collate_rows(prompts + prompts, completions, self.tokenizer.pad_token_id)
+        if all("ref_logps" in e for e in examples):
+            batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
+        return batch
 
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [r["prompt_ids"] for r in rows]

@@ -55,8 +55,13 @@ def pair_logps(
     completion_mask: Tensor,
     ref_token_logps: Tensor | None = None,
     running_logratio_mean: Tensor | None = None,
+    ref_sums: Tensor | None = None,
 ) -> PairLogps:
-    """Build the record of a paired batch from per-token log-probs (2B, T-1) of the policy and the reference."""
+    """Build the record of a paired batch from per-token log-probs (2B, T-1) of the policy and the reference.
+
+    `ref_sums` (B, 4) replaces `ref_token_logps` when the reference log-probs come from the cache
+    (`prefopt.reference_cache`): columns chosen, rejected, chosen shared-prefix, rejected shared-prefix sums.
+    """
     lengths = completion_mask[:, 1:].sum(-1).to(torch.float32)  # (2B,)
     shared = shared_prefix_mask(completion_mask)
     b = lengths.shape[0] // 2
@@ -66,8 +71,11 @@ def pair_logps(
 
     pc, pr = split(policy_token_logps.sum(-1))
     psc, psr = split((policy_token_logps * shared).sum(-1))
-    rc, rr = split(None if ref_token_logps is None else ref_token_logps.sum(-1))
-    rsc, rsr = split(None if ref_token_logps is None else (ref_token_logps * shared).sum(-1))
+    if ref_sums is not None:
+        rc, rr, rsc, rsr = ref_sums.to(policy_token_logps.dtype).unbind(-1)
+    else:
+        rc, rr = split(None if ref_token_logps is None else ref_token_logps.sum(-1))
+        rsc, rsr = split(None if ref_token_logps is None else (ref_token_logps * shared).sum(-1))
     return PairLogps(
         policy_chosen_logps=pc, policy_rejected_logps=pr, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
         ref_chosen_logps=rc, ref_rejected_logps=rr,

@@ -26,6 +26,7 @@ from prefopt.logps import forward_logits, pair_logps, token_kl, token_logps, unp
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
 from prefopt.models import BUILTIN, freeze, load_causal_lm
+from prefopt.reference_cache import load_or_compute
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -42,6 +43,7 @@ class PreferenceModule(L.LightningModule):
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
+        reference_cache: bool = True,
     ) -> None:
         """
         Args:
@@ -53,6 +55,9 @@ class PreferenceModule(L.LightningModule):
             lr_schedule: after warmup: constant, linear decay to 0, or cosine decay to 0 at the last step.
             dtype: parameter dtype of policy and reference.
             attn_implementation: transformers attention backend ("sdpa", "eager", ...); None: its default.
+            reference_cache: compute the reference's log-probs of the training pairs once, store them on disk keyed
+                by the reference weights and the tokenized data, and reuse them (every run of a grid shares them).
+                Paired losses only; false: a live reference forward every step.
         """
         super().__init__()
         if warmup_steps < 0:
@@ -85,6 +90,14 @@ class PreferenceModule(L.LightningModule):
             ref.to(self.device)
         return ref
 
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if not (self.hparams.reference_cache and self.loss.needs_reference and self.loss.paired):
+            datamodule.set_reference_logps(None)
+            return
+        table, _, _ = load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs)
+        datamodule.set_reference_logps(table)
+
     # ---------------------------------------------------------------- steps
     def _token_logps(self, batch: dict[str, Tensor], with_reference: bool) -> tuple[Tensor, Tensor | None]:
         policy = token_logps(forward_logits(self.policy, batch), batch["input_ids"], batch["completion_mask"])
@@ -98,13 +111,15 @@ class PreferenceModule(L.LightningModule):
         return (self.logratio_sum / self.logratio_count.clamp(min=1)).float()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        policy, ref = self._token_logps(batch, with_reference=self.loss.needs_reference)
+        cached = batch.get("ref_logps")  # (B, 4) reference sums from the cache, when enabled
+        policy, ref = self._token_logps(batch, with_reference=self.loss.needs_reference and cached is None)
         if self.loss.paired:
-            if ref is not None:
-                logratios = (policy - ref).detach().sum(-1)  # (2B,): r of every chosen and rejected row
+            lp = pair_logps(policy, batch["completion_mask"], ref, ref_sums=cached)
+            if lp.has_reference:  # running mean of every chosen and rejected log-ratio so far (BCO's shift)
+                logratios = torch.cat([lp.chosen_logratios(), lp.rejected_logratios()]).detach()
                 self.logratio_sum += logratios.sum().double()
                 self.logratio_count += logratios.numel()
-            lp = pair_logps(policy, batch["completion_mask"], ref, self._running_logratio_mean())
+                lp = lp.replace(running_logratio_mean=self._running_logratio_mean())
             values = pair_metrics(lp, self.loss.reward_scale)
         else:
             lp = unpaired_logps(policy, batch["completion_mask"], batch["desirable"], ref)

@@ -93,3 +93,44 @@ def test_bad_loss_config_fails_at_parse_time(override, message, micro_base, monk
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cached_reference_logps_give_the_same_loss_as_a_live_reference(micro_base):
+    """The reference cache changes no number: same batch, same loss and metrics to 1e-6, and the same run."""
+    from prefopt.data import PreferenceDataModule
+    from prefopt.module import PreferenceModule
+    from prefopt.reference_cache import load_or_compute
+
+    module = PreferenceModule(model=_micro_model_path(micro_base), loss=LossConfig("dpo", beta=0.5, ld_alpha=0.5))
+    module.configure_model()
+    dm = PreferenceDataModule(dataset=_micro_data_path(micro_base), tokenizer=module.hparams.model, batch_size=4)
+    dm.setup("fit")
+    table, path, was_cached = load_or_compute(module.reference, dm.train_examples, dm.collate_pairs)
+    assert not was_cached and path.is_file()
+    assert load_or_compute(module.reference, dm.train_examples, dm.collate_pairs)[2], "second call reads the file"
+    live = dm.collate_pairs(dm.train_examples[:4])
+    dm.set_reference_logps(table)
+    cached = dm.collate_pairs(dm.train_examples[:4])
+    assert "ref_logps" in cached and "ref_logps" not in live
+    loss_live = module.training_step(live, 0)
+    loss_cached = module.training_step(cached, 0)
+    assert abs(loss_live.item() - loss_cached.item()) < 1e-6
+
+
+def test_a_run_with_the_reference_cache_matches_one_without(micro_base):
+    _, with_cache = _fit("--model.reference_cache=true")
+    _, without = _fit("--model.reference_cache=false")
+    for key, value in without["final"].items():
+        assert with_cache["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _micro_model_path(base: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(base.read_text())["model"]["model"]
+
+
+def _micro_data_path(base: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(base.read_text())["data"]["dataset"]

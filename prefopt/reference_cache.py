@@ -1,0 +1,99 @@
+"""Reference log-probs computed once per (reference weights, tokenized data) and reused from disk.
+
+The frozen reference gives the same log-probs for the same tokens in every run, so a grid of many losses, betas and
+training seeds over one pair set needs them once. The table holds, per training pair, the reference's summed
+completion log-probs of chosen and rejected and their sums over the shared prefix (LD-DPO): shape (N, 4), float64.
+
+The cache key is a hash of the reference's weights and of the tokenized examples (every id list, in order), so a
+changed model, tokenizer, truncation or pair set can never read a stale table. Files are written atomically, so a
+crashed run leaves no half-written entry; concurrent runs that compute the same entry write identical bytes.
+
+Only paired training data is cached: unpaired losses (KTO) score mismatched rows whose pairing depends on the batch,
+so they keep a live reference. Validation always uses the live reference (it needs full logits for the KL metric).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prefopt.logps import forward_logits, pair_logps, token_logps
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt")) / "reference_logps"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+def examples_hash(examples: list[dict[str, Any]]) -> str:
+    """sha256 of the tokenized pairs, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    reference: nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
+    batch_size: int = 64,
+) -> Tensor:
+    """Score every pair with the reference; returns (N, 4) in COLUMNS order."""
+    device = next(reference.parameters()).device
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        tokens = token_logps(forward_logits(reference, batch), batch["input_ids"], batch["completion_mask"])
+        lp = pair_logps(tokens, batch["completion_mask"])  # the reference in the policy's seat
+        rows.append(torch.stack([lp.policy_chosen_logps, lp.policy_rejected_logps,
+                                 lp.policy_chosen_shared_logps, lp.policy_rejected_shared_logps], 1))  # fmt: skip
+    return torch.cat(rows).double().cpu()
+
+
+def load_or_compute(
+    reference: nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+) -> tuple[Tensor, Path, bool]:
+    """The (N, 4) table from the cache if present, else computed and stored. Returns (table, path, was_cached)."""
+    key = f"v{CACHE_VERSION}-{weights_hash(reference)}-{examples_hash(examples)}"
+    path = (cache_dir or default_cache_dir()) / f"{key}.pt"
+    if path.is_file():
+        table = torch.load(path, weights_only=True)
+        if table.shape == (len(examples), len(COLUMNS)):
+            log.info("reference log-probs read from %s", path)
+            return table, path, True
+        log.warning("ignoring malformed reference cache entry %s", path)
+    table = compute_reference_logps(reference, examples, collate, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(table, tmp)
+    os.replace(tmp, path)
+    log.info("reference log-probs of %d pairs written to %s", len(examples), path)
+    return table, path, False

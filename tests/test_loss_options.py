@@ -94,13 +94,15 @@ def test_every_divergence_is_ln2_at_init_and_finite_far_away(divergence: str) ->
     at_init = lp.replace(ref_chosen_logps=lp.policy_chosen_logps, ref_rejected_logps=lp.policy_rejected_logps)
     out = LossConfig("dpo", f_divergence=divergence)(at_init)
     torch.testing.assert_close(out, torch.full_like(out, math.log(2)))
-    far = lp.replace(policy_rejected_logps=lp.policy_rejected_logps - 1000.0, policy_chosen_logps=lp.policy_chosen_logps - 2000.0)
+    far = lp.replace(policy_rejected_logps=lp.policy_rejected_logps - 1000.0,
+                     policy_chosen_logps=lp.policy_chosen_logps - 2000.0)  # fmt: skip
     assert bool(torch.isfinite(LossConfig("dpo", f_divergence=divergence)(far)).all())
 
 
 def test_options_compose_with_composite_terms() -> None:
     """Each term carries its own options; the composite applies none of its own."""
     lp = hand_pairs()
-    composite = LossConfig("composite", terms=[{"name": "dpo", "beta": 1.0, "ld_alpha": 0.5}, {"name": "sft", "wpo": True}])
+    terms = [{"name": "dpo", "beta": 1.0, "ld_alpha": 0.5}, {"name": "sft", "wpo": True}]
+    composite = LossConfig("composite", terms=terms)
     expected = LossConfig("dpo", beta=1.0, ld_alpha=0.5)(lp) + LossConfig("sft", wpo=True)(lp)
     torch.testing.assert_close(composite(lp), expected)

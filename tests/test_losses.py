@@ -132,14 +132,16 @@ def test_hand_worked_values(name: str) -> None:
 def test_extra_hand_worked_options() -> None:
     lp = hand_pairs()
     # IPO on per-token log-ratios: (h_avg - 1)^2
-    torch.testing.assert_close(LossConfig("ipo", beta=0.5, average_log_probs=True)(lp), t([(h - 1) ** 2 for h in H_AVG]))
+    ipo_averaged = LossConfig("ipo", beta=0.5, average_log_probs=True)(lp)
+    torch.testing.assert_close(ipo_averaged, t([(h - 1) ** 2 for h in H_AVG]))
     # R-DPO as most implementations write it: minus the length term
     expected = [L(0.1 * h - 0.05 * (nw - nl)) for h, nw, nl in zip(H, LW, LL)]
     torch.testing.assert_close(LossConfig("rdpo", alpha=0.05, length_term="subtract")(lp), t(expected))
     # CPO with TRL's token-mean NLL: -logp_w * 3 / 6
     torch.testing.assert_close(LossConfig("cpo", nll="token_mean")(lp), t([L(0.1) + 2.0, L(-0.1) + 3.0, L(0.5) + 1.5]))
     torch.testing.assert_close(LossConfig("sft", token_mean="pair")(lp), t([2.0, 2.0, 3.0]))
-    torch.testing.assert_close(LossConfig("bco", beta=1.0, reward_shift=False)(lp), t([L(w) + L(-l) for w, l in zip(R_W, R_L)]))
+    no_shift = LossConfig("bco", beta=1.0, reward_shift=False)(lp)
+    torch.testing.assert_close(no_shift, t([L(w) + L(-l) for w, l in zip(R_W, R_L)]))
 
 
 # ---------------------------------------------------------------- value at initialization (policy = reference)
@@ -150,7 +152,8 @@ def init_pairs(grad: bool = False) -> PairLogps:
     pw, pl = [-n for n in LW0], [-n for n in LL0]
     shared = [-min(a, b) for a, b in zip(LW0, LL0)]
     return PairLogps(
-        policy_chosen_logps=t(pw, grad), policy_rejected_logps=t(pl, grad), chosen_lengths=t(LW0), rejected_lengths=t(LL0),
+        policy_chosen_logps=t(pw, grad), policy_rejected_logps=t(pl, grad),
+        chosen_lengths=t(LW0), rejected_lengths=t(LL0),
         ref_chosen_logps=t(pw), ref_rejected_logps=t(pl),
         policy_chosen_shared_logps=t(shared), policy_rejected_shared_logps=t(shared),
         ref_chosen_shared_logps=t(shared), ref_rejected_shared_logps=t(shared),
@@ -283,14 +286,16 @@ def test_alpha_divergence_tends_to_reverse_kl_and_forward_kl() -> None:
     small = LossConfig("dpo", beta=1.0, f_divergence="alpha", f_alpha=1e-7)(lp)
     torch.testing.assert_close(small, LossConfig("dpo", beta=1.0)(lp), rtol=1e-5, atol=1e-6)
     near_one = LossConfig("dpo", beta=1.0, f_divergence="alpha", f_alpha=1 - 1e-9)(lp)
-    torch.testing.assert_close(near_one, LossConfig("dpo", beta=1.0, f_divergence="forward_kl")(lp), rtol=1e-6, atol=1e-7)
+    forward_kl = LossConfig("dpo", beta=1.0, f_divergence="forward_kl")(lp)
+    torch.testing.assert_close(near_one, forward_kl, rtol=1e-6, atol=1e-7)
 
 
 def test_paired_apo_zero_is_the_sum_of_its_two_rows() -> None:
     lp = hand_pairs()
     rows = UnpairedLogps(
         policy_logps=torch.cat([lp.policy_chosen_logps, lp.policy_rejected_logps]), lengths=t(LW + LL),
-        desirable=torch.tensor([True] * 3 + [False] * 3), ref_logps=torch.cat([lp.ref_chosen_logps, lp.ref_rejected_logps]),
+        desirable=torch.tensor([True] * 3 + [False] * 3),
+        ref_logps=torch.cat([lp.ref_chosen_logps, lp.ref_rejected_logps]),
     )  # fmt: skip
     per_row = LossConfig("apo_zero_unpaired", beta=0.7)(rows)
     torch.testing.assert_close(per_row[:3] + per_row[3:], LossConfig("apo_zero", beta=0.7)(lp))
@@ -356,7 +361,8 @@ def test_composite_validates_its_terms() -> None:
     with pytest.raises(ValueError, match=r"terms\[0\]: weight"):
         LossConfig("composite", terms=[{"name": "dpo", "weight": -1}])
     with pytest.raises(ValueError, match="at least one"):
-        LossConfig("composite")
+        LossConfig("composite", terms=[])
+    assert LossConfig("composite") == LossConfig("composite", **MPO)  # the default is MPO
     with pytest.raises(ValueError, match="mix paired and unpaired"):
         LossConfig("composite", terms=[{"name": "dpo"}, {"name": "kto"}])
     nested = LossConfig("composite", terms=[{"name": "composite", "terms": [{"name": "ipo", "beta": 0.5}]}])

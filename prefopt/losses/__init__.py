@@ -1,9 +1,11 @@
 """Preference losses: pure functions of log-prob records, registered with their metadata.
 
-Importing this package registers every loss; `LOSSES` maps each name to its `LossSpec`.
+Importing this package registers every loss; `LOSSES` maps each name (aliases included) to its `LossSpec`.
+The catalog, generated from the registry, is docs/losses.md (`python -m prefopt.losses.docs > docs/losses.md`).
 """
 
-from prefopt.losses import paired  # noqa: F401  (registers the losses)
+# Importing the loss modules registers their losses.
+from prefopt.losses import composite, paired, per_response, reference_free, unpaired  # noqa: F401
 from prefopt.losses.registry import LOSSES, LossConfig, LossSpec, loss_names, register
 
 __all__ = ["LOSSES", "LossConfig", "LossSpec", "loss_names", "register"]

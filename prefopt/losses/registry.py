@@ -9,6 +9,12 @@ metadata (needs a reference? paired or unpaired rows?) and never branches on a l
 A `LossConfig` is what a YAML file names: `{name: dpo, beta: 0.1}`. It is registered as a jsonargparse
 type, so an unknown name or an out-of-range value fails while the config is parsed (`--print_config`
 included), before any model loads, and the error lists the valid choices.
+
+Generic options (`prefopt.losses.options`: LD-DPO's `ld_alpha`, WPO's `wpo`) are extra hyperparameters of every
+paired loss registered with `options=True` (the default); `LossConfig.__call__` applies them around the loss
+function, so no loss re-implements them. A loss function may carry hooks that `LossConfig` asks:
+`fn.check_params(params, where)` (cross-field checks, nested configs), and `fn.needs_reference(params)`,
+`fn.paired(params)`, `fn.reward_scale(params)` where the metadata depends on the hyperparameters (composite).
 """
 
 from __future__ import annotations
@@ -132,9 +138,20 @@ class LossSpec:
     # Which hyperparameter scales the reference-based reward in the shared metrics (None: scale 1).
     reward_scale: str | None = "beta"
     aliases: tuple[str, ...] = ()
+    # The generic options (prefopt.losses.options) this loss accepts on top of its own hyperparameters.
+    options: tuple[Hyperparameter, ...] = ()
+
+    @property
+    def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
+        return self.hyperparameters + self.options
 
     def defaults(self) -> dict[str, Any]:
-        return {h.name: h.default for h in self.hyperparameters}
+        return {h.name: h.default for h in self.all_hyperparameters}
+
+    @property
+    def summary(self) -> str:
+        """The first line of the loss function's docstring."""
+        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -151,13 +168,28 @@ def register(
     reward: str = "beta * (logp - ref_logp)",
     reward_scale: str | None = "beta",
     aliases: tuple[str, ...] = (),
+    options: bool = True,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register `fn` under `name` (and each alias); the function itself is returned unchanged."""
+    """Register `fn` under `name` (and each alias); the function itself is returned unchanged.
+
+    `options=True` gives a paired loss the generic options of `prefopt.losses.options` (LD-DPO, WPO).
+    """
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        own = _hyperparameters(fn)
+        extra: tuple[Hyperparameter, ...] = ()
+        if options and paired:
+            from prefopt.losses.options import PAIR_OPTIONS  # late: options.py imports this module
+
+            extra = PAIR_OPTIONS
+        clash = {h.name for h in own} & {h.name for h in extra}
+        if clash:
+            raise TypeError(f"loss {name!r}: hyperparameters {sorted(clash)} clash with the generic options")
+        if reward_scale is not None and reward_scale not in {h.name for h in own}:
+            raise TypeError(f"loss {name!r}: reward_scale {reward_scale!r} is not one of its hyperparameters")
         spec = LossSpec(
             name, fn, paper, formula, needs_reference, paired, aggregation, reward,
-            _hyperparameters(fn), reward_scale, aliases,
+            own, reward_scale, aliases, extra,
         )  # fmt: skip
         for key in (name, *aliases):
             if key in LOSSES:
@@ -185,7 +217,7 @@ class LossConfig:
             raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(loss_names())}")
         self.name = name
         self.spec = LOSSES[name]
-        known = {h.name: h for h in self.spec.hyperparameters}
+        known = {h.name: h for h in self.spec.all_hyperparameters}
         unknown = sorted(set(params) - set(known))
         if unknown:
             valid = ", ".join(known) or "none"
@@ -194,6 +226,10 @@ class LossConfig:
         check = getattr(self.spec.fn, "check_params", None)
         if check is not None:  # cross-field checks and nested configs (composite losses)
             check(self.params, f"loss {name!r}")
+        if self.spec.options:
+            from prefopt.losses.options import check_pair_options
+
+            check_pair_options(self.spec.fn, self.params, f"loss {name!r}")
 
     @classmethod
     def from_value(cls, value: Any) -> LossConfig:
@@ -219,15 +255,26 @@ class LossConfig:
 
     @property
     def paired(self) -> bool:
-        return self.spec.paired
+        hook = getattr(self.spec.fn, "paired", None)
+        return bool(hook(self.params)) if hook is not None else self.spec.paired
 
     @property
     def reward_scale(self) -> float:
         """The factor (beta, usually) that turns a log-ratio into this loss's reward, for the shared metrics."""
+        hook = getattr(self.spec.fn, "reward_scale", None)
+        if hook is not None:
+            return float(hook(self.params))
         return float(self.params[self.spec.reward_scale]) if self.spec.reward_scale else 1.0
 
     def __call__(self, lp: PairLogps | UnpairedLogps) -> Tensor:
-        return self.spec.fn(lp, **self.params)
+        """Per-example losses, shape (B,); the generic options (if any) are applied around the loss function."""
+        own = {h.name: self.params[h.name] for h in self.spec.hyperparameters}
+        if not self.spec.options:
+            return self.spec.fn(lp, **own)
+        from prefopt.losses.options import apply_pair_options
+
+        options = {h.name: self.params[h.name] for h in self.spec.options}
+        return apply_pair_options(self.spec.fn, lp, own, **options)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LossConfig) and self.to_dict() == other.to_dict()

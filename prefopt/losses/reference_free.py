@@ -1,0 +1,144 @@
+"""Pair losses that need no reference model at training time.
+
+Their own "rewards" (beta * logp, beta * avg, log odds) are not DPO's implicit reward beta * (logp - ref_logp)
+(shared/LOSSES.md pitfall 6). The shared metrics scale the reference-based log-ratio margin by `reward_scale`:
+`beta` where the loss's beta multiplies summed log-probs exactly as DPO's does (cpo), and 1 (raw nats) where it
+does not (simpo's beta multiplies per-token averages, orpo's lambda weighs a log-odds term, slic and sft have no
+scale). Notation: logp summed over completion tokens, avg(y) = logp(y)/|y|, L(z) = -log sigmoid(z),
+NLL(y) = -logp(y). Every function returns per-pair losses, shape (B,). Empty completions (|y| = 0) would make
+averages 0/0 (pitfall 9): token counts are clamped at 1 wherever they divide.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prefopt.losses.registry import NonNegative, Positive, register
+from prefopt.records import PairLogps
+
+
+def _avg(logps: Tensor, lengths: Tensor) -> Tensor:
+    return logps / lengths.clamp(min=1)
+
+
+def chosen_nll(lp: PairLogps, how: Literal["sum", "pair_mean", "batch_mean"]) -> Tensor:
+    """The chosen response's NLL per pair, shape (B,), in one of three normalizations.
+
+    sum: -logp(y_w) (a sequence NLL); pair_mean: -logp(y_w)/|y_w|; batch_mean: -logp(y_w) * B / sum_j |y_w,j|,
+    whose batch mean is the token-level mean sum_i -logp(y_w,i) / sum_i |y_w,i| (the usual SFT loss; per micro-batch).
+    """
+    if how == "sum":
+        return -lp.policy_chosen_logps
+    if how == "pair_mean":
+        return -_avg(lp.policy_chosen_logps, lp.chosen_lengths)
+    tokens_per_pair = lp.chosen_lengths.sum().clamp(min=1) / lp.chosen_lengths.numel()  # token counts: no gradient
+    return -lp.policy_chosen_logps / tokens_per_pair
+
+
+@register(
+    "simpo",
+    paper="Meng et al. 2024, 'SimPO: Simple Preference Optimization with a Reference-Free Reward', arXiv 2405.14734",
+    formula="L(beta (avg(y_w) - avg(y_l)) - gamma), gamma = gamma_beta_ratio * beta",
+    needs_reference=False,
+    aggregation="mean",
+    reward="beta * avg(y) = beta * logp(y) / |y| (no reference); shared metrics use scale 1",
+    reward_scale=None,
+)
+def simpo(lp: PairLogps, *, beta: Positive = 2.0, gamma_beta_ratio: NonNegative = 0.5) -> Tensor:
+    """SimPO: a Bradley-Terry loss on length-normalized policy log-probs with a target margin gamma.
+
+    The margin is given as gamma/beta, as in the SimPO repository and HALOs (published settings: beta in
+    [2, 2.5], gamma/beta in [0.3, 0.55]); TRL and Liger take an absolute gamma (simpo_gamma): gamma_beta_ratio =
+    gamma / beta converts. Pure SimPO has no NLL term (TRL's CPO trainer keeps cpo_alpha = 1 with
+    loss_type=simpo; here that is a composite with `sft`).
+    """
+    margin = _avg(lp.policy_chosen_logps, lp.chosen_lengths) - _avg(lp.policy_rejected_logps, lp.rejected_lengths)
+    return -F.logsigmoid(beta * margin - gamma_beta_ratio * beta)
+
+
+def _log1m_exp(a: Tensor) -> Tensor:
+    """log(1 - exp(a)) for a < 0, accurate on both sides of -log 2 (Maechler 2012)."""
+    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+@register(
+    "orpo",
+    paper="Hong et al. 2024, 'ORPO: Monolithic Preference Optimization without Reference Model', arXiv 2403.07691",
+    formula="NLL(y_w)/|y_w| - lambda log sigmoid(log odds(y_w) - log odds(y_l)), odds(y) = p/(1-p), p = exp(avg(y))",
+    needs_reference=False,
+    aggregation="mean",
+    reward="log odds(y) = avg(y) - log(1 - exp(avg(y))) (no reference); shared metrics use scale 1",
+    reward_scale=None,
+)
+def orpo(lp: PairLogps, *, lam: NonNegative = 0.1) -> Tensor:
+    """ORPO: supervised fine-tuning on the chosen response plus a log odds-ratio penalty, weighted by lambda.
+
+    The NLL is the chosen *completion's* per-token NLL, as the paper writes it; the original code computes it
+    over prompt + completion tokens (pitfall 8), which the record does not carry. lambda weighs a loss term and
+    does not scale a reward, so it is named lam, not beta (TRL calls it beta), and reward_scale is 1.
+    Deviation: avg(y) is clamped at -1e-6 in the odds, so a completion of probability 1 gives finite odds.
+    """
+    avg_w = _avg(lp.policy_chosen_logps, lp.chosen_lengths)  # (B,)
+    avg_l = _avg(lp.policy_rejected_logps, lp.rejected_lengths)
+    a_w, a_l = avg_w.clamp(max=-1e-6), avg_l.clamp(max=-1e-6)
+    log_odds_ratio = (a_w - a_l) - (_log1m_exp(a_w) - _log1m_exp(a_l))
+    return -avg_w - lam * F.logsigmoid(log_odds_ratio)
+
+
+@register(
+    "cpo",
+    paper="Xu et al. 2024, 'Contrastive Preference Optimization', arXiv 2401.08417",
+    formula="L(beta (logp(y_w) - logp(y_l))) + alpha NLL(y_w); NLL summed (paper) or token mean (nll=token_mean)",
+    needs_reference=False,
+    aggregation="sum (preference term); NLL: sum (paper) or token mean",
+    reward="beta * logp(y) (DPO's reward with a uniform reference)",
+)
+def cpo(
+    lp: PairLogps, *, beta: Positive = 0.1, alpha: NonNegative = 1.0, nll: Literal["sum", "token_mean"] = "sum"
+) -> Tensor:
+    """Contrastive Preference Optimization: reference-free DPO plus a behaviour-cloning NLL on the chosen response.
+
+    The paper writes the NLL as -log pi(y_w|x), a summed sequence NLL: the default. TRL's CPO trainer (used by the
+    authors' code) takes the token-mean cross-entropy over the batch's chosen tokens: nll=token_mean.
+    """
+    nll_term = chosen_nll(lp, "sum" if nll == "sum" else "batch_mean")  # (B,)
+    return -F.logsigmoid(beta * (lp.policy_chosen_logps - lp.policy_rejected_logps)) + alpha * nll_term
+
+
+@register(
+    "slic",
+    paper="Zhao et al. 2023, 'SLiC-HF: Sequence Likelihood Calibration with Human Feedback', arXiv 2305.10425",
+    formula="max(0, delta - logp(y_w) + logp(y_l)) + lambda NLL(y_w)",
+    needs_reference=False,
+    reward="logp(y) (no reference, no scale)",
+    reward_scale=None,
+)
+def slic(lp: PairLogps, *, delta: Positive = 1.0, lam: NonNegative = 0.1) -> Tensor:
+    """SLiC-HF: a rank-calibration hinge on summed log-probs plus a regularizer toward the SFT target.
+
+    The paper regularizes with the NLL of the SFT target y_ref; on pair data the chosen response stands in for it.
+    """
+    calibration = torch.relu(delta - lp.policy_chosen_logps + lp.policy_rejected_logps)  # (B,)
+    return calibration + lam * chosen_nll(lp, "sum")
+
+
+@register(
+    "sft",
+    paper="supervised fine-tuning baseline (maximum likelihood on the chosen responses)",
+    formula="NLL(y_w), token mean over the batch (token_mean=batch) or per pair (token_mean=pair)",
+    needs_reference=False,
+    aggregation="mean",
+    reward="none (no preference term)",
+    reward_scale=None,
+)
+def sft(lp: PairLogps, *, token_mean: Literal["batch", "pair"] = "batch") -> Tensor:
+    """Negative log-likelihood of the chosen responses; the rejected ones are ignored.
+
+    token_mean=batch: the per-pair values are -logp(y_w) * B / sum|y_w|, so their mean is the usual token-level
+    mean sum(-logp(y_w)) / sum(|y_w|) of the (micro-)batch; token_mean=pair: each pair's own mean -logp(y_w)/|y_w|.
+    """
+    return chosen_nll(lp, "batch_mean" if token_mean == "batch" else "pair_mean")

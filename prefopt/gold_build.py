@@ -141,7 +141,8 @@ def sample_responses(
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     rows = [topic for topic in topics for _ in range(num_per_topic)]
-    prompts = [_prompt_ids(tokenizer, t) for t in rows]
+    prompt_of = {t: _prompt_ids(tokenizer, t) for t in set(topics)}
+    prompts = [prompt_of[t] for t in rows]
     was_training = model.training
     model.eval()
     out: list[Response] = []
@@ -191,9 +192,10 @@ def score_responses(
     tokens) and <eos> when the response ended with it. Prompt tokens are excluded; <eos> is included.
     """
     device = next(model.parameters()).device
+    prompt_of = {t: _prompt_ids(tokenizer, t) for t in {r[0] for r in responses}}
     seqs, starts = [], []
     for topic, words, ended in responses:
-        prompt = _prompt_ids(tokenizer, topic)
+        prompt = prompt_of[topic]
         completion = tokenizer.convert_tokens_to_ids(list(words)) + ([tokenizer.eos_token_id] if ended else [])
         seqs.append(prompt + completion)
         starts.append(len(prompt))
@@ -263,13 +265,14 @@ def _model_config(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase) -
     )
 
 
-def _sft_batch_data(tokenizer: PreTrainedTokenizerBase, n: int, generator: torch.Generator) -> torch.Tensor:
+def _sft_data(tokenizer: PreTrainedTokenizerBase, n: int, generator: torch.Generator) -> torch.Tensor:
     """n base sequences ``<bos> TOPIC : w.. <eos>`` right-padded to (n, 3 + MAX_LEN + 1) token ids."""
     topics = [task.TOPICS[i] for i in torch.randint(len(task.TOPICS), (n,), generator=generator).tolist()]
     words = task.sample_base(topics, generator)
+    vocab, prompts = tokenizer.get_vocab(), {t: _prompt_ids(tokenizer, t) for t in task.TOPICS}
     ids = torch.full((n, 3 + task.MAX_LEN + 1), tokenizer.pad_token_id, dtype=torch.long)
     for i, (topic, ws) in enumerate(zip(topics, words)):
-        seq = _prompt_ids(tokenizer, topic) + tokenizer.convert_tokens_to_ids(ws) + [tokenizer.eos_token_id]
+        seq = prompts[topic] + [vocab[w] for w in ws] + [tokenizer.eos_token_id]
         ids[i, : len(seq)] = torch.tensor(seq)
     return ids
 
@@ -287,6 +290,16 @@ def measure_base_kl(
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
 
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _train_reference(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase) -> tuple[LlamaForCausalLM, float]:
     """SFT of a fresh tiny Llama on base samples; returns the model (eval mode) and its final loss."""
     # Parameter init draws from the global RNG inside transformers; fork it so the caller's stream is intact.
@@ -294,7 +307,7 @@ def _train_reference(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(_model_config(recipe, tokenizer))
     g = torch.Generator().manual_seed(_derive_seed(recipe.seed, "sft-data"))
-    data = _sft_batch_data(tokenizer, recipe.num_samples, g)  # (N, 16)
+    data = _sft_data(tokenizer, recipe.num_samples, g)  # (N, 16)
     labels = data.clone()
     labels[:, :3] = -100  # the prompt <bos> TOPIC : is given, not learned
     labels[data == tokenizer.pad_token_id] = -100
@@ -313,7 +326,7 @@ def _train_reference(recipe: ReferenceRecipe, tokenizer: PreTrainedTokenizerBase
         opt.step()
         sched.step()
     model.eval()
-    return model, float(loss)
+    return model, float(loss.detach())
 
 
 def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecipe | None = None) -> Path:
@@ -329,7 +342,10 @@ def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecip
     log.info("building the gold-task reference in %s (takes about a minute)", final)
     start = time.perf_counter()
     tokenizer = build_tokenizer()
-    model, final_loss = _train_reference(recipe, tokenizer)
+    # One CPU thread: the weights then do not depend on the caller's thread count, and at this size one
+    # thread is steady (~27 ms a step) where two are faster alone but stall when another process holds a core.
+    with _num_threads(1):
+        model, final_loss = _train_reference(recipe, tokenizer)
     train_s = time.perf_counter() - start
     kl, kl_se = measure_base_kl(model, tokenizer, recipe.kl_samples, _derive_seed(recipe.seed, "kl"))
     meta = {
@@ -413,6 +429,7 @@ def _sample_pairs(
         "pairs": len(rows),
         "ties": ties,
         "label_agreement": agree / max(len(rows) - ties, 1),  # among pairs with distinct rewards
+        "label_agreement_all": agree / max(len(rows), 1),  # ties count as disagreement
         "discarded_fraction": 1 - sum(len(p) for p in pools.values()) / drawn,
     }
     return rows, stats

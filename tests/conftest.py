@@ -6,10 +6,34 @@ across test sessions; entries are keyed by hashes of their recipes and inputs, s
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ["PREFOPT_CACHE"] = os.environ.get("PREFOPT_TEST_CACHE") or tempfile.mkdtemp(prefix="prefopt-test-cache-")
+if os.environ.get("PREFOPT_TEST_CACHE"):
+    os.environ["PREFOPT_CACHE"] = os.environ["PREFOPT_TEST_CACHE"]
+else:
+    os.environ["PREFOPT_CACHE"] = tempfile.mkdtemp(prefix="prefopt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PREFOPT_CACHE"], ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- gold task
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gold_reference_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The built-in task's reference (built once per session, ~45 s), in $PREFOPT_CACHE.
+
+    PREFOPT_CACHE is set above for the whole session; if it is not (a conftest without that line), use a
+    folder under pytest's base temp and export it, so every later `ensure_reference()` reuses this build.
+    """
+    from prefopt.gold_build import ensure_reference
+
+    cache = os.environ.get("PREFOPT_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    os.environ["PREFOPT_CACHE"] = cache
+    return ensure_reference(cache)

@@ -59,7 +59,16 @@ class PrefoptCLI(LightningCLI):
                 args["name"] = run_name(config.model.loss, config.seed_everything)
 
 
-def main(args: list[str] | None = None) -> PrefoptCLI:
+TOOLS = {"grid": "prefopt.grid", "report": "prefopt.report"}  # subcommands that are not Lightning's
+
+
+def main(args: list[str] | None = None):
+    """`fit`, `validate`, `test`, `predict` go to LightningCLI; `grid` and `report` to their own modules."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     return PrefoptCLI(
         PreferenceModule,
         PreferenceDataModule,

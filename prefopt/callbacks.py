@@ -39,7 +39,10 @@ class MetricsJson(L.Callback):
     """Write `metrics.json` into the run's log directory after every validation and at the end of fit/validate.
 
     It holds the latest (`final`) validation metrics, the validation metrics at the best `monitor` value (`best`),
-    the last training loss, the step, wall time and training throughput in pairs per second.
+    the last training loss, the step, wall time and training throughput in pairs per second; `history` (the
+    validation metrics of every validation, with their step, for curves), `data_hash` (a hash of the tokenized
+    training and validation pairs) and `finished` (true only once fit has ended normally: the grid runner's test of
+    a complete run).
     """
 
     def __init__(self, monitor: str = "val/gold/gold_reward", mode: Literal["max", "min"] = "max") -> None:
@@ -49,9 +52,16 @@ class MetricsJson(L.Callback):
         self.train_time = 0.0
         self.pairs = 0
         self._step_start = 0.0
+        self.history: list[dict[str, float]] = []
+        self.data_hash: str | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "train_examples", None) and getattr(datamodule, "val_examples", None):
+            from prefopt.reference_cache import examples_hash
+
+            self.data_hash = examples_hash(datamodule.train_examples + datamodule.val_examples)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_start = time.perf_counter()
@@ -64,7 +74,7 @@ class MetricsJson(L.Callback):
         directory = trainer.log_dir or trainer.default_root_dir
         return None if directory is None else Path(directory) / "metrics.json"
 
-    def _write(self, trainer: L.Trainer) -> None:
+    def _write(self, trainer: L.Trainer, finished: bool = False) -> None:
         path = self._path(trainer)
         if path is None or not trainer.is_global_zero:
             return
@@ -75,6 +85,8 @@ class MetricsJson(L.Callback):
             better = max if self.mode == "max" else min
             if not self.best or better(value, self.best[self.monitor]) == value:
                 self.best = dict(final, step=float(trainer.global_step))
+        if not finished and final and not any(h.get("step") == trainer.global_step for h in self.history):
+            self.history.append(dict(final, step=float(trainer.global_step)))
         write_json_atomic(path, {
             "final": final,
             "best": self.best,
@@ -83,6 +95,9 @@ class MetricsJson(L.Callback):
             "step": trainer.global_step,
             "wall_time_s": time.perf_counter() - self.start,
             "train_pairs_per_s": self.pairs / self.train_time if self.train_time > 0 else None,
+            "history": self.history,
+            "data_hash": self.data_hash,
+            "finished": finished,
         })  # fmt: skip
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -90,10 +105,11 @@ class MetricsJson(L.Callback):
             self._write(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+        self._write(trainer, finished=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "pairs": self.pairs, "train_time": self.train_time}
+        return {"best": self.best, "pairs": self.pairs, "train_time": self.train_time, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.pairs, self.train_time = state["best"], state["pairs"], state["train_time"]
+        self.history = list(state.get("history", []))  # absent in checkpoints written before it existed

@@ -12,6 +12,7 @@ redraws the built-in task's preference pairs as well as the initialization order
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,12 +60,23 @@ class PrefoptCLI(LightningCLI):
                 args["name"] = run_name(config.model.loss, config.seed_everything)
 
 
-TOOLS = {"grid": "prefopt.grid", "report": "prefopt.report"}  # subcommands that are not Lightning's
+TOOLS = {"grid": "prefopt.grid", "report": "prefopt.report", "export": "prefopt.export"}  # not Lightning's
+
+
+def _show_info_logs() -> None:
+    """prefopt's INFO lines on stderr (the detected data format, truncation counts, cache use), set up once."""
+    logger = logging.getLogger("prefopt")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(args: list[str] | None = None):
-    """`fit`, `validate`, `test`, `predict` go to LightningCLI; `grid` and `report` to their own modules."""
+    """`fit`, `validate`, `test`, `predict` go to LightningCLI; `grid`, `report` and `export` to their own modules."""
     argv = sys.argv[1:] if args is None else list(args)
+    _show_info_logs()
     if argv and argv[0] in TOOLS:
         import importlib
 

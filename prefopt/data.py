@@ -1,24 +1,36 @@
 """The LightningDataModule: load preference rows, check them, tokenize once, pad per batch.
 
+Rows come from `prefopt.sources` (a file, a directory or a hub name); their format (standard, implicit prompt or
+unpaired; text or conversational) is detected from the columns, or forced by `format` (`prefopt.formats`), and
+every row is checked before anything trains: a bad row is an error naming the source, row and field (or, with
+`bad_rows: skip`, dropped and counted).
+
 Each example is tokenized as three id lists: `prompt_ids = tokenizer(prompt)` (the tokenizer's own special tokens,
 e.g. bos, included), and `chosen_ids` / `rejected_ids = tokenizer(completion, add_special_tokens=False) + [eos]`.
-A sequence is prompt_ids + completion_ids, so the prompt/completion boundary is exact and no mask is inferred from
-token values.
+Conversational rows are rendered with the chat template first (the prompt with the generation prompt, the
+completion as the rest of the full rendering) and tokenized without added special tokens (the template writes
+them); eos is appended unless the template's rendering of the completion already holds it (an end-of-turn that
+is eos, as in Qwen's `<|im_end|>`). A sequence is prompt_ids + completion_ids, so the prompt/completion boundary is
+exact and no mask is inferred from token values. Tokenized rows are cached by `datasets` (fingerprinted by the
+rows, the format, the tokenizer and the encoding version), so a second run does not tokenize again.
 
 Truncation (documented modes): the prompt is first cut to `max_prompt_length` keeping its end
 (`truncation_mode="keep_end"`, the default: the end of a prompt is what the response answers) or its start
 (`"keep_start"`); then each completion is cut to `max_length - len(prompt)` keeping its start. An example whose
 prompt alone fills `max_length`, or whose chosen and rejected completions are identical, is dropped, and the counts
-are logged.
+are logged (a warning when anything is dropped) and kept in `drop_counts`.
 
 Batches (see `prefopt.logps`): paired data gives 2B rows, chosen rows then rejected rows. For losses on unpaired
 data (KTO), each pair becomes two rows (chosen: desirable, rejected: undesirable), shuffled together so that batches
 mix labels, and each batch appends B mismatched rows (prompt i with the completion of row i+1) for the KL estimate.
-Validation batches are always paired, so every loss is measured on the same pairs with the same metrics.
+Unpaired source data (prompt/completion/label) trains unpaired losses only, on its rows as they are.
+Validation batches are always paired, so every loss is measured on the same pairs with the same metrics; for
+unpaired source data the validation pairs are its held-out rows regrouped: per prompt, desirable with undesirable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +39,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
+from prefopt import formats
 from prefopt.models import BUILTIN, load_tokenizer
-from prefopt.sources import check_rows, load_rows
+from prefopt.sources import load_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +57,34 @@ class GoldData:
     label_temperature: float = 1.0  # Bradley-Terry temperature T of the labels; 0 = deterministic labels
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on (seed, epoch), not on the global RNG.
+class EpochSeededSampler(DistributedSampler):
+    """A shuffling sampler whose order depends only on (seed, epoch), not on the global RNG; rank-aware.
 
-    Lightning calls `set_epoch` each epoch. `skip` drops the first indices of the next pass (a resumed epoch).
+    Lightning calls `set_epoch` each epoch. With several processes (DDP), rank r takes every world_size-th index of
+    the one global order, so a step's global batch is the same set of examples as in a single-process run with
+    world_size times the batch (the remainder that does not divide evenly is dropped). `skip` drops the first
+    indices of this rank's next pass (a resumed epoch).
+
+    It subclasses DistributedSampler only so that Lightning uses it as it is: Lightning wraps any other sampler
+    in a DistributedSampler of its own, which would reshuffle the order.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:  # no super().__init__:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size  # it needs a process group
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world_size
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()[self.skip :]
+        order = torch.randperm(self.size, generator=g).tolist()
+        mine = order[self.rank :: self.world_size][: len(self)][self.skip :]
         self.skip = 0
-        return iter(order)
+        return iter(mine)
 
 
 class ResumableDataLoader(DataLoader):
@@ -102,6 +123,12 @@ def collate_rows(prompts: list[list[int]], completions: list[list[int]], pad_id:
     }
 
 
+def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
+    """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
+    digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 class PreferenceDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -111,6 +138,10 @@ class PreferenceDataModule(L.LightningDataModule):
         val_split: str | None = None,
         val_fraction: float = 0.05,
         columns: dict[str, str] | None = None,
+        format: Literal["auto", "standard", "implicit_prompt", "unpaired"] = "auto",
+        assistant_marker: str = "Assistant:",
+        chat_template: str | None = None,
+        bad_rows: Literal["error", "skip"] = "error",
         tokenizer: str = BUILTIN,
         max_length: int = 64,
         max_prompt_length: int | None = None,
@@ -119,6 +150,10 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        num_proc: int | None = None,
+        share_prompt: bool = False,
+        pack_length: int = 0,
+        group_by_length: int = 0,
         unpaired: bool = False,
         seed: int = 0,
         gold: GoldData | None = None,
@@ -126,21 +161,44 @@ class PreferenceDataModule(L.LightningDataModule):
         """
         Args:
             dataset: "gold" (the built-in task), a local file (.jsonl/.json/.parquet/.csv), a `save_to_disk`
-                directory, or a hub dataset name.
+                directory, a dataset directory laid out as on the hub, or a hub dataset name.
             subset: the hub dataset's config name, if it has several.
             train_split: split used for training.
-            val_split: split used for validation; None holds out `val_fraction` of the training rows (seeded).
+            val_split: split used for validation (or the path of a separate file); None holds out `val_fraction`
+                of the training rows (seeded; for unpaired data, that fraction of its prompts with all their rows).
             val_fraction: fraction held out when there is no validation split, in (0, 1).
-            columns: map from prefopt's field names (prompt, chosen, rejected) to the dataset's column names.
+            columns: map from prefopt's field names (prompt, chosen, rejected, completion, label) to the dataset's
+                column names, e.g. {prompt: question, chosen: good, rejected: bad}.
+            format: "auto" detects it from the columns (prefopt/formats.py); or force "standard" (prompt, chosen,
+                rejected), "implicit_prompt" (chosen and rejected transcripts; the prompt is their shared start) or
+                "unpaired" (prompt, completion, boolean label; unpaired losses only). Text or conversational
+                (lists of {role, content} messages) is read from the column types.
+            assistant_marker: implicit prompts of text transcripts end just after the last occurrence of this
+                marker in the text chosen and rejected share ("Assistant:" for Anthropic/hh-rlhf).
+            chat_template: a Jinja chat template (or the path of a file holding one) replacing the tokenizer's,
+                for conversational data; None uses the tokenizer's own.
+            bad_rows: a row that fails a check (wrong type, empty completion, non-boolean label, malformed
+                messages, no findable prompt, a template that breaks the prompt prefix): "error" stops before
+                training, naming the source, row and field of the first and counting the rest; "skip" drops them
+                and logs the count and the first few reasons.
             tokenizer: tokenizer name or path (linked to `model.model` by the CLI).
             max_length: maximum tokens of prompt + completion.
             max_prompt_length: maximum prompt tokens (None: no separate limit).
             truncation_mode: which end of a too-long prompt to keep.
-            max_train_pairs: use only the first N training pairs (a data-size ablation axis).
+            max_train_pairs: use only the first N training pairs (rows, for unpaired data): a data-size axis.
             batch_size: pairs per training batch. Unpaired losses get 2 x batch_size rows per batch (both responses
                 of batch_size pairs), so every loss sees the same number of responses per step.
             val_batch_size: pairs per validation batch (default: batch_size).
             num_workers: DataLoader worker processes.
+            num_proc: processes for tokenizing (datasets' map); None: one.
+            share_prompt: paired training batches hold one row prompt + chosen + rejected per pair, so the prompt is
+                computed once (prefopt/prefix_sharing.py); the loss is unchanged up to float rounding. Validation
+                batches and unpaired losses keep the two-row layout.
+            pack_length: with share_prompt, pack a batch's pairs into rows of up to this many tokens (at least the
+                longest pair), each pair attending only within itself: less padding, the same pairs per batch.
+                0: one pair per row.
+            group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
+                batches again, then shuffle the batches (prefopt/batching.py): less padding, less varied batches.
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
@@ -150,11 +208,17 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        unknown = set(columns or {}) - set(formats.FIELDS)
+        if unknown:
+            raise ValueError(f"columns: unknown field(s) {sorted(unknown)}; fields: {', '.join(formats.FIELDS)}")
         self.save_hyperparameters()
         self.gold = gold or GoldData()
         self.tokenizer = None
-        self.train_examples: list[dict[str, Any]] = []
+        self.train_examples: list[dict[str, Any]] = []  # pairs: prompt_ids, chosen_ids, rejected_ids
         self.val_examples: list[dict[str, Any]] = []
+        self.train_rows: list[dict[str, Any]] | None = None  # unpaired source data: prompt/completion ids, desirable
+        self.layout: formats.Layout | None = None
+        self.drop_counts: dict[str, dict[str, int]] = {}
 
     # ---------------------------------------------------------------- loading
     def _sources(self) -> tuple[Any, Any, str, str]:
@@ -169,64 +233,125 @@ class PreferenceDataModule(L.LightningDataModule):
             )  # fmt: skip
             return load_rows(str(train_path)), load_rows(str(val_path)), str(train_path), str(val_path)
         train = load_rows(hp.dataset, hp.subset, hp.train_split)
-        if hp.val_split is not None:
-            return train, load_rows(hp.dataset, hp.subset, hp.val_split), hp.dataset, f"{hp.dataset}[{hp.val_split}]"
-        return train, None, hp.dataset, hp.dataset
+        name = hp.dataset if hp.train_split == "train" else f"{hp.dataset}[{hp.train_split}]"
+        if hp.val_split is None:
+            return train, None, name, name
+        if Path(hp.val_split).expanduser().is_file():  # a separate validation file
+            return train, load_rows(hp.val_split), name, hp.val_split
+        return train, load_rows(hp.dataset, hp.subset, hp.val_split), name, f"{hp.dataset}[{hp.val_split}]"
+
+    def _load_tokenizer(self):
+        hp = self.hparams
+        tok = load_tokenizer(hp.tokenizer)
+        if hp.chat_template is not None:
+            tok.chat_template = formats.read_chat_template(hp.chat_template)
+        return tok
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.tokenizer)
+        self.tokenizer = self._load_tokenizer()
         train, val, train_name, val_name = self._sources()
-        fields = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(hp.columns or {})}
-        check_rows(train, fields, train_name)
-        if val is None:
+        columns = hp.columns or {}
+        layout = formats.detect_layout(train.features, columns, train_name, hp.format)
+        if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
+                             f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")  # fmt: skip
+        if not layout.paired and not hp.unpaired:
+            raise ValueError(f"{train_name} holds unpaired rows (prompt, completion, label): it trains unpaired losses "
+                             "(e.g. kto) only; this loss needs chosen/rejected pairs")  # fmt: skip
+        encode = dict(tokenizer=self.tokenizer, marker=hp.assistant_marker, num_proc=hp.num_proc)
+        train = self._check_errors(formats.encode(train, layout, source=train_name, **encode), train_name)
+        if val is None and not layout.paired:  # hold out whole prompts, so that validation pairs can be regrouped
+            coins = [_prompt_coin(p, hp.seed) for p in train["prompt_ids"]]
+            threshold = max(hp.val_fraction, min(coins))  # at least one prompt, however small the data
+            held = [c <= threshold for c in coins]
+            val = train.select([i for i, h in enumerate(held) if h])
+            train = train.select([i for i, h in enumerate(held) if not h])
+        elif val is None:
             split = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             train, val = split["train"], split["test"]
         else:
-            check_rows(val, fields, val_name)
+            val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure)
+            val = self._check_errors(formats.encode(val, val_layout, source=val_name, **encode), val_name)
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
-        self.train_examples = self._tokenize(train, fields, train_name)
-        self.val_examples = self._tokenize(val, fields, val_name)
-        if not self.train_examples or not self.val_examples:
-            raise ValueError(f"no usable examples left in {train_name} after truncation (see the log for counts)")
+        self.layout = layout
+        train_out, val_out = self._truncate(train, train_name, "train"), self._truncate(val, val_name, "val")
+        if layout.paired:
+            self.train_examples, self.val_examples = train_out, val_out
+        else:
+            self.train_rows, self.val_examples = train_out, self._regroup_pairs(val_out, val_name)
+        if not train_out:
+            raise ValueError(f"no usable training examples left in {train_name} (see the logged counts)")
+        if not self.val_examples:
+            why = "" if layout.paired else ": unpaired rows are validated as pairs, and no held-out prompt has " \
+                "both a desirable and an undesirable row"
+            raise ValueError(f"no usable validation examples in {val_name}{why} (see the logged counts)")
 
-    def _tokenize(self, rows: Any, fields: dict[str, str], name: str) -> list[dict[str, Any]]:
-        tok, hp = self.tokenizer, self.hparams
-        eos = tok.eos_token_id
+    def _check_errors(self, encoded: Any, name: str) -> Any:
+        """Raise on rows that failed a check (`bad_rows: error`), or log them (`skip`; `_truncate` drops them)."""
+        errors = [e for e in encoded["error"] if e]
+        if errors and self.hparams.bad_rows == "error":
+            more = f" ({len(errors) - 1} more rows fail checks; data.bad_rows: skip drops them)" * (len(errors) > 1)
+            raise ValueError(errors[0] + more)
+        if errors:
+            log.warning("%s: skipping %d rows that fail checks, e.g.\n  %s", name, len(errors), "\n  ".join(errors[:3]))
+        return encoded
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            prompt = tok(batch[fields["prompt"]])["input_ids"]
-            chosen = tok(batch[fields["chosen"]], add_special_tokens=False)["input_ids"]
-            rejected = tok(batch[fields["rejected"]], add_special_tokens=False)["input_ids"]
-            return {"prompt_ids": prompt, "chosen_ids": [c + [eos] for c in chosen],
-                    "rejected_ids": [r + [eos] for r in rejected]}  # fmt: skip
-
-        encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, desc=f"tokenizing {name}")
-        out, too_long_prompt, identical, truncated = [], 0, 0, 0
-        for ex in encoded:
+    def _truncate(self, encoded: Any, name: str, split: str) -> list[dict[str, Any]]:
+        """Cut prompts and completions to the length limits; drop (and count) what cannot be kept."""
+        hp = self.hparams
+        names = ("chosen_ids", "rejected_ids") if self.layout.paired else ("completion_ids",)
+        out, too_long_prompt, identical, truncated, bad = [], [], 0, 0, 0
+        rows = (dict(zip(batch, values)) for batch in encoded.iter(batch_size=1024) for values in zip(*batch.values()))
+        for ex in rows:  # batched reads: row-by-row reads of an arrow table are ~10x slower
+            if ex["error"]:  # logged by _check_errors
+                bad += 1
+                continue
+            if self.layout.paired and ex["chosen_ids"] == ex["rejected_ids"]:  # identical rows come out empty
+                identical += 1
+                continue
             prompt = ex["prompt_ids"]
             if hp.max_prompt_length is not None and len(prompt) > hp.max_prompt_length:
                 keep = hp.max_prompt_length
                 prompt = prompt[-keep:] if hp.truncation_mode == "keep_end" else prompt[:keep]
             room = hp.max_length - len(prompt)
             if room < 1:
-                too_long_prompt += 1
+                too_long_prompt.append(ex["row"])
                 continue
-            chosen, rejected = ex["chosen_ids"][:room], ex["rejected_ids"][:room]
-            truncated += len(ex["chosen_ids"]) > room or len(ex["rejected_ids"]) > room
-            if chosen == rejected:
+            cut = {n: ex[n][:room] for n in names}
+            truncated += any(len(ex[n]) > room for n in names)
+            if self.layout.paired and cut["chosen_ids"] == cut["rejected_ids"]:
                 identical += 1
                 continue
-            out.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
-        log.info(
-            "%s: %d pairs kept; %d truncated; dropped %d whose prompt fills max_length=%d and %d with identical "
-            "chosen and rejected completions", name, len(out), truncated, too_long_prompt, hp.max_length, identical,
+            example = {"prompt_ids": prompt, **cut}
+            if not self.layout.paired:
+                example["desirable"] = ex["desirable"]
+            out.append(example)
+        examples = f" (e.g. rows {too_long_prompt[:5]})" if too_long_prompt else ""
+        log.log(
+            logging.WARNING if too_long_prompt or identical or bad else logging.INFO,
+            "%s (%s): %d %s kept; %d truncated; dropped %d whose prompt fills max_length=%d%s, %d with identical "
+            "chosen and rejected completions and %d that fail checks", name, split, len(out),
+            "pairs" if self.layout.paired else "rows", truncated, len(too_long_prompt), hp.max_length, examples,
+            identical, bad,
         )  # fmt: skip
-        self.drop_counts = {"prompt_too_long": too_long_prompt, "identical": identical, "truncated": truncated}
+        self.drop_counts[split] = {"prompt_too_long": len(too_long_prompt), "identical": identical,
+                                   "truncated": truncated, "bad_rows": bad}  # fmt: skip
         return out
+
+    @staticmethod
+    def _regroup_pairs(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+        """Validation pairs from unpaired rows: per prompt, the i-th desirable with the i-th undesirable row."""
+        groups: dict[tuple[int, ...], tuple[list, list]] = {}
+        for r in rows:
+            groups.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if r["desirable"] else 1].append(r["completion_ids"])
+        pairs = [{"prompt_ids": list(p), "chosen_ids": c, "rejected_ids": r}
+                 for p, (good, bad) in groups.items() for c, r in zip(good, bad) if c != r]  # fmt: skip
+        log.info("%s: %d validation pairs regrouped from %d unpaired rows", name, len(pairs), len(rows))
+        return pairs
 
     def set_reference_logps(self, table: Tensor | None) -> None:
         """Attach cached reference log-probs (N, 4) to the training pairs; batches then carry `ref_logps`."""
@@ -247,6 +372,17 @@ class PreferenceDataModule(L.LightningDataModule):
             batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
         return batch
 
+    def collate_shared_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/prefix_sharing.py."""
+        from prefopt.prefix_sharing import collate_shared_pairs
+
+        batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
+                                     [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id,
+                                     self.hparams.pack_length)  # fmt: skip
+        if all("ref_logps" in e for e in examples):
+            batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
+        return batch
+
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [r["prompt_ids"] for r in rows]
         completions = [r["completion_ids"] for r in rows]
@@ -258,20 +394,38 @@ class PreferenceDataModule(L.LightningDataModule):
         return batch
 
     def unpaired_rows(self) -> list[dict[str, Any]]:
+        if self.train_rows is not None:  # unpaired source data
+            return self.train_rows
         rows = []
         for e in self.train_examples:
             rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "desirable": True})
             rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["rejected_ids"], "desirable": False})
         return rows
 
+    def example_lengths(self, data: list[dict[str, Any]]) -> list[int]:
+        """Padded width each example needs in a training batch (what `group_by_length` sorts by)."""
+        if self.hparams.unpaired:
+            return [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in data]
+        if self.hparams.share_prompt:
+            return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in data]
+        return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in data]
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         if hp.unpaired:
             data, collate, rows = self.unpaired_rows(), self.collate_unpaired, 2 * hp.batch_size
         else:
-            data, collate, rows = self.train_examples, self.collate_pairs, hp.batch_size
-        sampler = EpochSeededSampler(len(data), hp.seed)
-        if self.trainer is not None:  # resuming mid-epoch: skip the batches this epoch already trained on
+            collate = self.collate_shared_pairs if hp.share_prompt else self.collate_pairs
+            data, rows = self.train_examples, hp.batch_size
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if hp.group_by_length:
+            from prefopt.batching import LengthGroupedSampler
+
+            sampler = LengthGroupedSampler(self.example_lengths(data), rows, hp.group_by_length, hp.seed, rank, world)
+        else:
+            sampler = EpochSeededSampler(len(data), hp.seed, rank, world)
+        if trainer is not None:  # resuming mid-epoch: skip the batches this epoch already trained on
             sampler.epoch = self.trainer.current_epoch
             sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * rows
         return ResumableDataLoader(data, batch_size=rows, sampler=sampler, collate_fn=collate,

@@ -1,13 +1,18 @@
 """The LightningModule: a trainable policy, a frozen reference, and one registered loss.
 
 Each training step runs one concatenated forward of the 2B rows per model (policy always; reference only when the
-loss's metadata says it needs one), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
+loss's metadata says it needs one; with `data.share_prompt`, one forward of B rows prompt + chosen + rejected,
+`prefopt.prefix_sharing`), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
 record to the loss. The module asks the loss's metadata (`needs_reference`, `paired`) and never its name.
 
 The reference is frozen (eval mode, no gradients, not in the optimizer) and is not a registered submodule, so it is
 neither in the optimizer nor in checkpoints: it is reloaded from its source, which is what a resumed run needs. For
 reference-free losses it is loaded for validation only, so that every loss is measured by the same
 reference-based metrics (reward margin, accuracy, KL to the reference).
+
+With LoRA (`lora`, `prefopt.lora`) the policy trains adapter weights only and the reference is a view of the same
+model (adapters disabled, or a frozen copy of the adapter training started from): no second copy of the weights.
+Checkpoints then hold the trainable adapter weights only; the base is reloaded from its source on resume.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
-from prefopt.logps import forward_logits, pair_logps, token_kl, token_logps, unpaired_logps
+from prefopt.logps import completion_token_logps, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps
+from prefopt.prefix_sharing import shared_token_logps
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
-from prefopt.models import BUILTIN, freeze, load_causal_lm
+from prefopt.lora import LoraOptions, attach_lora, trainable_keys
+from prefopt.models import BUILTIN, enable_gradient_checkpointing, freeze, load_causal_lm
 from prefopt.reference_cache import load_or_compute
 
 
@@ -44,6 +51,10 @@ class PreferenceModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         reference_cache: bool = True,
+        gradient_checkpointing: bool = False,
+        lora: LoraOptions | None = None,
+        logps_chunk_size: int | None = None,
+        check_finite_every_n_steps: int = 1,
     ) -> None:
         """
         Args:
@@ -58,14 +69,31 @@ class PreferenceModule(L.LightningModule):
             reference_cache: compute the reference's log-probs of the training pairs once, store them on disk keyed
                 by the reference weights and the tokenized data, and reuse them (every run of a grid shares them).
                 Paired losses only; false: a live reference forward every step.
+            gradient_checkpointing: recompute the policy's activations in the backward pass (less memory, ~25% more
+                time per step).
+            lora: train LoRA adapters only (needs peft), e.g. `{r: 16, alpha: 32}`; `{adapter: DIR}` continues a
+                trained adapter, which is then also the reference. null: train every weight.
+            logps_chunk_size: training log-probs run the LM head on completion positions only, this many at a time,
+                recomputing each chunk's logits in the backward (never more than chunk x vocabulary logits: for
+                large vocabularies). null: full logits of every row, one piece (prompt-shared batches: one piece
+                over the completion positions).
+            check_finite_every_n_steps: stop on a non-finite training loss, checked every N training steps (the
+                check waits for the device: N > 1 keeps it off most GPU steps; the error then names the step
+                range). 0: never.
         """
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if check_finite_every_n_steps < 0 or (logps_chunk_size is not None and logps_chunk_size < 1):
+            raise ValueError("check_finite_every_n_steps must be >= 0 and logps_chunk_size >= 1 (or null)")
+        self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
+        self._unchecked_steps = 0
         self.save_hyperparameters(ignore=["optimizer", "loss"])
         self.hparams["loss"] = loss.to_dict()
         self.loss = loss
         self.optimizer_factory = optimizer
+        self.lora = lora
+        self.strict_loading = lora is None  # LoRA checkpoints hold the adapter only (see on_load_checkpoint)
         self.policy: PreTrainedModel | None = None
         self._reference: list[PreTrainedModel] = []  # a list, so that nn.Module does not register it
         # Running mean of all training log-ratios (BCO's reward shift); buffers, so a resumed run restores them.
@@ -79,8 +107,29 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation}
-        self.policy = load_causal_lm(self.hparams.model, **kwargs).train()
-        self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
+        policy = load_causal_lm(self.hparams.model, **kwargs)
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+        if self.lora is None:
+            self.policy = policy.train()
+            self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
+        else:  # the reference is a view of the policy (adapters disabled, or a frozen starting adapter)
+            self.policy, reference = attach_lora(policy, self.lora)
+            self.policy.train()
+            self._reference = [reference]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, keep the trainable adapter weights and the buffers; the base reloads from its source."""
+        if self.lora is not None:
+            keep = trainable_keys(self) | {name for name, _ in self.named_buffers()}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora is not None and self.policy is not None:  # loading is not strict: check the adapter is there
+            missing = sorted(trainable_keys(self) - set(checkpoint["state_dict"]))
+            if missing:
+                raise KeyError(f"checkpoint lacks {len(missing)} adapter weights, e.g. {missing[0]}: was it saved "
+                               "with other lora settings?")  # fmt: skip
 
     @property
     def reference(self) -> PreTrainedModel:
@@ -95,17 +144,33 @@ class PreferenceModule(L.LightningModule):
         if not (self.hparams.reference_cache and self.loss.needs_reference and self.loss.paired):
             datamodule.set_reference_logps(None)
             return
-        table, _, _ = load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs)
-        datamodule.set_reference_logps(table)
+        compute = lambda: load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs)  # noqa: E731
+        if self.trainer.is_global_zero:
+            compute()  # rank 0 writes the cache entry; the other ranks wait, then read it
+        self.trainer.strategy.barrier("reference_cache")
+        datamodule.set_reference_logps(compute()[0])
 
     # ---------------------------------------------------------------- steps
     def _token_logps(self, batch: dict[str, Tensor], with_reference: bool) -> tuple[Tensor, Tensor | None]:
-        policy = token_logps(forward_logits(self.policy, batch), batch["input_ids"], batch["completion_mask"])
+        """Per-token completion log-probs of policy and (optionally) reference, aligned with completion_mask[:, 1:]."""
+        chunk = self.hparams.logps_chunk_size
+
+        def compute(model) -> Tensor:
+            if "pred_index" in batch:  # prompt-shared layout (data.share_prompt)
+                return shared_token_logps(model, batch, chunk)
+            if chunk is not None:
+                return completion_token_logps(model, batch, chunk)
+            return token_logps(forward_logits(model, batch), batch["input_ids"], batch["completion_mask"])
+
+        policy = compute(self.policy)
         if not with_reference:
             return policy, None
         with torch.no_grad():
-            ref = token_logps(forward_logits(self.reference, batch), batch["input_ids"], batch["completion_mask"])
-        return policy, ref
+            return policy, compute(self.reference)
+
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self._trainer.world_size > 1
 
     def _running_logratio_mean(self) -> Tensor:
         return (self.logratio_sum / self.logratio_count.clamp(min=1)).float()
@@ -117,22 +182,44 @@ class PreferenceModule(L.LightningModule):
             lp = pair_logps(policy, batch["completion_mask"], ref, ref_sums=cached)
             if lp.has_reference:  # running mean of every chosen and rejected log-ratio so far (BCO's shift)
                 logratios = torch.cat([lp.chosen_logratios(), lp.rejected_logratios()]).detach()
-                self.logratio_sum += logratios.sum().double()
-                self.logratio_count += logratios.numel()
+                total = torch.stack([logratios.sum().double(), logratios.new_tensor(logratios.numel()).double()])
+                if self._distributed:  # the same running mean on every rank
+                    total = self.trainer.strategy.reduce(total, reduce_op="sum")
+                self.logratio_sum += total[0]
+                self.logratio_count += total[1]
                 lp = lp.replace(running_logratio_mean=self._running_logratio_mean())
             values = pair_metrics(lp, self.loss.reward_scale)
         else:
             lp = unpaired_logps(policy, batch["completion_mask"], batch["desirable"], ref)
+            if self._distributed and lp.ref_kl_logps is not None:
+                # KTO's reference point z0 is a batch mean of the mismatched rows' log-ratios: take it over the
+                # global batch (all ranks' rows). It is detached in the loss, so gathering without gradient is exact.
+                gather = lambda x: self.all_gather(x.detach()).reshape(-1)  # noqa: E731
+                lp = lp.replace(policy_kl_logps=gather(lp.policy_kl_logps), ref_kl_logps=gather(lp.ref_kl_logps))
             values = {}
         loss = self.loss(lp).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss {self.loss} became {loss.item()} at training step {self.global_step} (epoch {self.current_epoch})"
-            )
+        self._check_finite(loss.detach())
         values["loss"] = loss.detach()
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         return loss
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Raise on a non-finite loss; the host waits for the device only every `check_finite_every_n_steps`."""
+        every = self.hparams.check_finite_every_n_steps
+        if every == 0:
+            return
+        bad = ~torch.isfinite(loss)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._unchecked_steps += 1
+        if self._unchecked_steps < every:
+            return
+        nonfinite, steps = bool(self._nonfinite), self._unchecked_steps
+        self._nonfinite, self._unchecked_steps = None, 0
+        if nonfinite:
+            what, where = ((loss.item(), f"at training step {self.global_step}") if steps == 1 else
+                           ("non-finite", f"within training steps {self.global_step - steps + 1}-{self.global_step}"))
+            raise FloatingPointError(f"loss {self.loss} became {what} {where} (epoch {self.current_epoch})")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -160,7 +247,7 @@ class PreferenceModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.policy.parameters())
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
 

@@ -1,10 +1,16 @@
-"""Where preference rows come from, and the checks they pass before any tokenization or training.
+"""Where preference rows come from: one split of a local file, a local directory, or a hub dataset.
 
-`load_rows` takes a local file (.jsonl, .json, .parquet, .csv), a `datasets.save_to_disk` directory, or a hub
-dataset name (with an optional config and a split) and returns a `datasets.Dataset`. The same code path serves
-offline and hub use: a hub name is passed to `datasets.load_dataset` unchanged.
+`load_rows(source, subset, split)` returns a `datasets.Dataset` (arrow-backed, so `map` can cache on it):
+- a file: .jsonl / .json / .parquet / .csv (one split: it is the training data; hold out `val_fraction`, or name a
+  second file as the validation split);
+- a `save_to_disk` directory (a Dataset, or a DatasetDict from which `split` is taken);
+- any other directory: a dataset repository laid out as on the hub (`data/train-00000-of-00001.parquet`, ...,
+  or a loading script-free folder of data files), read by `datasets.load_dataset(directory, subset, split=split)`,
+  the same call as for a hub name;
+- otherwise a hub name (`trl-lib/ultrafeedback_binarized`), passed to `datasets.load_dataset` unchanged; offline
+  it is read from the local `datasets` cache when it was downloaded before.
 
-`check_rows` fails with an error that names the source, the row and the field.
+Which columns mean what, and the checks each row passes, are in `prefopt.formats`.
 """
 
 from __future__ import annotations
@@ -14,41 +20,53 @@ from pathlib import Path
 import datasets
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")  # written by save_to_disk (DatasetDict, Dataset)
+
+
+def _looks_local(source: str) -> bool:
+    """A string meant as a local path rather than a hub name ("org/name" or "name")."""
+    return source.startswith(("/", "./", "../", "~")) or Path(source).suffix in _BUILDERS or source.count("/") > 1
+
+
+def _load_file(path: Path, split: str) -> datasets.Dataset:
+    builder = _BUILDERS.get(path.suffix)
+    if builder is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
+    if split != "train":
+        raise ValueError(f"{path} is a single file, so it has no split {split!r}: leave val_split unset to hold out "
+                         "val_fraction of it, or set val_split to the path of a second file")  # fmt: skip
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parse errors in several exception types
+        raise ValueError(f"{path}: could not read it as {builder} (unreadable or truncated?): {err}") from err
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise ValueError(f"{path}: could not read this save_to_disk directory: {err}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
 
 
 def load_rows(source: str, subset: str | None = None, split: str = "train") -> datasets.Dataset:
     """Load one split of a preference dataset as a `datasets.Dataset`."""
-    path = Path(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_file(path, split)
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise KeyError(f"{source}: no split {split!r}; splits: {', '.join(loaded)}")
-            return loaded[split]
-        return loaded
-    if path.is_file() or path.suffix in _BUILDERS:
-        if not path.is_file():
-            raise FileNotFoundError(f"no such data file: {source}")
-        builder = _BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
-        try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # datasets wraps parse errors in several exception types
-            raise ValueError(f"{source}: could not read it as {builder}: {err}") from err
-    return datasets.load_dataset(source, subset, split=split)
-
-
-def check_rows(rows: datasets.Dataset, fields: dict[str, str], source: str) -> None:
-    """Every field is a column holding non-empty strings; raise ValueError naming source, row and field."""
-    for field, column in fields.items():
-        if column not in rows.column_names:
-            raise ValueError(
-                f"{source}: missing column {column!r} (field {field!r}); columns: {', '.join(rows.column_names)}"
-            )
-    for field, column in fields.items():
-        for i, value in enumerate(rows[column]):
-            if not isinstance(value, str):
-                raise ValueError(f"{source}: row {i}, field {column!r}: expected a string, got {type(value).__name__}")
-            if field != "prompt" and not value.strip():
-                raise ValueError(f"{source}: row {i}, field {column!r}: empty completion")
+        if any((path / m).is_file() for m in _SAVED_MARKERS):
+            return _load_saved(path, split)
+        where = f"local dataset directory {path}"
+    elif _looks_local(source):
+        raise FileNotFoundError(f"no such data file or directory: {source}")
+    else:
+        where = f"hub dataset {source!r}"
+    try:
+        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split)
+    except Exception as err:
+        raise ValueError(f"could not load {where} (config {subset!r}, split {split!r}): {err}") from err

@@ -60,9 +60,10 @@ def test_truncation_keeps_the_end_of_the_prompt_and_drops_prompts_that_fill_max_
     tok = dm.tokenizer
     assert tuple(tok.convert_tokens_to_ids(["was", "film", ":"])) in prompts  # keep_end: the last 3 tokens
     assert all(len(e["prompt_ids"]) + len(e["chosen_ids"]) <= 6 for e in dm.train_examples)
-    assert dm.drop_counts["identical"] > 0
+    assert dm.drop_counts["train"]["identical"] + dm.drop_counts["val"]["identical"] == 4
+    assert dm.drop_counts["train"]["truncated"] > 0
     dm = _dm(path, micro_model, max_length=4, val_split=None)  # "<bos> the a it was film :" alone fills 4
-    assert dm.drop_counts["prompt_too_long"] > 0
+    assert dm.drop_counts["train"]["prompt_too_long"] + dm.drop_counts["val"]["prompt_too_long"] == 4
 
 
 @pytest.mark.parametrize(

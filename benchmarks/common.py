@@ -1,0 +1,145 @@
+"""The benchmark's fixed inputs, shared by every contender: tokenizer, data, models, FLOP peak, timing helpers.
+
+Data (identical for all contenders): synthetic lowercase text of random words, byte-level tokenizer (vocab 259: 256
+bytes + pad/bos/eos, one token per character). Per pair, prompt length ~ U{30..60} characters (+ bos), chosen and
+rejected lengths independently ~ U{20..60} characters (+ eos): a row prompt + completion is 51-122 tokens, so all of
+it fits max_length 128 and nothing is truncated. A shared-prompt sequence (prompt + chosen + rejected) is 71-183.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a of and to in is was it for on that with as at by this be from or an are not have but his they were "
+    "which one you all had her been has there their more when will would what so out up about into them can only "
+    "other new some could time these two may then first any like now my such make over our even most after also"
+).split()
+
+# name -> LlamaConfig kwargs; parameter counts are printed by `describe_models`.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "1m": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "20m": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6, "num_attention_heads": 8},
+}
+PROMPT_CHARS = (30, 60)
+RESPONSE_CHARS = (20, 60)
+
+
+def byte_tokenizer():
+    """A pure byte-level tokenizer: 256 byte tokens, then <pad>=256, <bos>=257, <eos>=258; bos prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = sorted(alphabet, key=lambda c: _byte_of(c))
+    vocab = {c: i for i, c in enumerate(byte_to_char)}
+    vocab.update({"<pad>": 256, "<bos>": 257, "<eos>": 258})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 257)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode for one character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(map(chr, cs), bs))[char]
+
+
+def _text(rng: random.Random, n: int) -> str:
+    words = []
+    while len(" ".join(words)) < n:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:n].rstrip().ljust(n, "s")
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = _text(rng, rng.randint(*PROMPT_CHARS)) + ":"
+        chosen = " " + _text(rng, rng.randint(*RESPONSE_CHARS) - 1)
+        rejected = " " + _text(rng, rng.randint(*RESPONSE_CHARS) - 1)
+        if chosen != rejected:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def make_model(size: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = MODEL_SIZES[size]["num_attention_heads"]
+    config = LlamaConfig(
+        vocab_size=259, max_position_embeddings=512, tie_word_embeddings=True, num_key_value_heads=heads,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258, **MODEL_SIZES[size],
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def build_inputs(root: Path, size: str, n_pairs: int, seed: int = 0) -> dict[str, str]:
+    """Write the model + tokenizer directory and the data (jsonl and a save_to_disk DatasetDict) under root."""
+    import datasets
+
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = root / f"model_{size}"
+    if not (model_dir / "config.json").is_file():
+        make_model(size, seed).save_pretrained(model_dir)
+        byte_tokenizer().save_pretrained(model_dir)
+    rows = make_pairs(n_pairs + 16, seed)
+    train, val = rows[:n_pairs], rows[n_pairs:]
+    jsonl = root / f"pairs_{n_pairs}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in train))
+    disk = root / f"pairs_{n_pairs}"
+    if not disk.is_dir():
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(train), "validation": datasets.Dataset.from_list(val)}
+        ).save_to_disk(str(disk))
+    return {"model": str(model_dir), "jsonl": str(jsonl), "dataset": str(disk)}
+
+
+def tokenized_pairs(jsonl: str, tokenizer) -> list[dict[str, list[int]]]:
+    """prompt_ids (bos + prompt), chosen_ids / rejected_ids (completion + eos): the same ids every contender sees."""
+    out = []
+    for line in Path(jsonl).read_text().splitlines():
+        r = json.loads(line)
+        eos = [tokenizer.eos_token_id]
+        out.append({
+            "prompt_ids": tokenizer(r["prompt"])["input_ids"],
+            "chosen_ids": tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] + eos,
+            "rejected_ids": tokenizer(r["rejected"], add_special_tokens=False)["input_ids"] + eos,
+        })  # fmt: skip
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops(threads: int = 2, n: int = 1024, k: int = 4096, trials: int = 7) -> float:
+    """Best-of-trials fp32 matmul rate (GFLOP/s) of (n x k) @ (k x n) on `threads` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * n * n * k / (time.perf_counter() - t) / 1e9)
+    return best

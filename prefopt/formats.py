@@ -1,0 +1,318 @@
+"""Preference-data formats: which columns mean what, and how a row becomes prompt and completion text.
+
+Three structures, each in two kinds of values (plain strings, or lists of `{role, content}` messages):
+
+| structure         | columns                   | prompt                                   |
+|-------------------|---------------------------|------------------------------------------|
+| `standard`        | prompt, chosen, rejected  | the prompt column                        |
+| `implicit_prompt` | chosen, rejected          | the longest common prefix of the two     |
+| `unpaired`        | prompt, completion, label | the prompt column; label is a boolean    |
+
+The kind (text or conversational) is read from the column types and needs no option; the structure is detected
+from the columns (`detect_layout`) unless `format` forces it. Detection rules, after `columns` renames:
+chosen + rejected present -> `standard` if a prompt column of the same kind is present, else `implicit_prompt`
+(a string prompt beside message-list completions, as in HuggingFaceH4/ultrafeedback_binarized, is ignored: the
+completions there hold the whole conversation); otherwise completion + label -> `unpaired`.
+
+Implicit prompts (`split_text`, `split_messages`): text transcripts (Anthropic/hh-rlhf, "\\n\\nHuman: ...
+\\n\\nAssistant: ...") are cut just after the last `assistant_marker` ("Assistant:") inside their shared prefix, so
+the completion keeps its leading space; message lists are cut at a message boundary, the longest shared run of
+messages after which both continue with an assistant message.
+
+Conversational rows are rendered with the tokenizer's chat template (`render_chat`): the prompt with
+`add_generation_prompt=True`, the completion as the remainder of the full conversation's rendering. A template
+whose prompt rendering is not a prefix of the full rendering (one that rewrites earlier turns, say) is an error:
+the boundary between prompt and completion tokens would otherwise be wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Structure = Literal["standard", "implicit_prompt", "unpaired"]
+FORMATS = ("auto", "standard", "implicit_prompt", "unpaired")
+FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "standard": ("prompt", "chosen", "rejected"),
+    "implicit_prompt": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+}
+
+
+class RowError(ValueError):
+    """A bad row; the message names the source, the row and the field."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a dataset's columns mean: its structure, its kind, and the column behind each field."""
+
+    structure: Structure
+    conversational: bool  # message lists rather than strings
+    columns: dict[str, str]  # field -> column, for the fields this structure reads
+
+    @property
+    def paired(self) -> bool:
+        return self.structure != "unpaired"
+
+    def describe(self) -> str:
+        kind = "conversational" if self.conversational else "text"
+        return f"{self.structure} ({kind}; " + ", ".join(f"{f}={c!r}" for f, c in self.columns.items()) + ")"
+
+
+def _kind(feature: Any) -> str:
+    """'text', 'messages' or 'other' for a `datasets` feature."""
+    if type(feature).__name__ in ("List", "Sequence", "LargeList") or isinstance(feature, list):
+        return "messages"
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return "text"
+    return "other"
+
+
+def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto") -> Layout:
+    """The layout of a dataset with these `features`; `columns` maps field names to column names."""
+    col = {f: columns.get(f, f) for f in FIELDS}
+    have = {f for f in FIELDS if col[f] in features}
+    kind = {f: _kind(features[col[f]]) for f in have}
+    if fmt == "auto":
+        if {"chosen", "rejected"} & have:  # paired (a missing one of the two is reported below)
+            explicit = "prompt" in have and kind["prompt"] == kind.get("chosen", kind["prompt"])
+            if "prompt" in have and not explicit:
+                log.info("%s: ignoring the %s prompt column %r: chosen/rejected hold whole conversations",
+                         source, kind["prompt"], col["prompt"])  # fmt: skip
+            fmt = "standard" if explicit else "implicit_prompt"
+        elif {"completion", "label"} & have:
+            fmt = "unpaired"
+        else:
+            raise ValueError(
+                f"{source}: cannot tell the format from its columns ({', '.join(features)}); expected prompt/chosen/"
+                "rejected (standard), chosen/rejected (implicit prompt) or prompt/completion/label (unpaired); "
+                "rename columns with data.columns, e.g. {prompt: question, chosen: good, rejected: bad}"
+            )
+    for field in REQUIRED[fmt]:
+        if field not in have:
+            raise ValueError(
+                f"{source}: missing column {col[field]!r} (field {field!r}, needed by format {fmt!r}); "
+                f"columns: {', '.join(features)}"
+            )
+    main = "completion" if fmt == "unpaired" else "chosen"
+    if kind[main] == "other":
+        raise ValueError(
+            f"{source}: column {col[main]!r} holds {features[col[main]]}; expected strings or lists of "
+            "{role, content} messages"
+        )
+    layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in REQUIRED[fmt]})  # type: ignore[arg-type]
+    log.info("%s: format %s", source, layout.describe())
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------- row checks
+def _where(source: str, row: int, column: str) -> str:
+    return f"{source}: row {row}, field {column!r}"
+
+
+def check_text(value: Any, source: str, row: int, column: str, completion: bool) -> str:
+    if not isinstance(value, str):
+        got = "a missing value" if value is None else type(value).__name__
+        raise RowError(f"{_where(source, row, column)}: expected a string, got {got}")
+    if completion and not value.strip():
+        raise RowError(f"{_where(source, row, column)}: empty completion")
+    return value
+
+
+def check_messages(value: Any, source: str, row: int, column: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else "a missing value" if value is None else type(value).__name__
+        raise RowError(f"{_where(source, row, column)}: expected a non-empty list of {{role, content}} messages, "
+                       f"got {got}")  # fmt: skip
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RowError(f"{_where(source, row, column)}: message {i} is not a {{role: str, content: str}} dict: "
+                           f"{m!r:.80}")  # fmt: skip
+    # Arrow fills keys that other rows have with None; a chat template would render them as the string "None".
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
+
+
+def check_completion_messages(messages: list[dict[str, Any]], source: str, row: int, column: str) -> None:
+    if messages[0]["role"] != "assistant":
+        raise RowError(f"{_where(source, row, column)}: the completion must start with an assistant message, "
+                       f"got role {messages[0]['role']!r}")  # fmt: skip
+    if not any(m["content"].strip() for m in messages):
+        raise RowError(f"{_where(source, row, column)}: empty completion")
+
+
+def check_label(value: Any, source: str, row: int, column: str) -> bool:
+    if not isinstance(value, bool):
+        raise RowError(f"{_where(source, row, column)}: label must be a boolean (true/false), got "
+                       f"{type(value).__name__} {value!r:.40}")  # fmt: skip
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- implicit prompts
+def split_text(chosen: str, rejected: str, marker: str, source: str, row: int) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion): cut just after the last `marker` in the shared prefix."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(marker, 0, n)  # the whole marker lies inside the shared prefix
+    if cut < 0:
+        raise RowError(f"{source}: row {row}: no {marker!r} in the text shared by chosen and rejected, so the prompt "
+                       "cannot be found; give a prompt column, or set data.assistant_marker")  # fmt: skip
+    end = cut + len(marker)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: int) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected) messages: the longest shared run after which both continue with the assistant."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not (n < len(chosen) and n < len(rejected)
+                         and chosen[n]["role"] == rejected[n]["role"] == "assistant"):  # fmt: skip
+        n -= 1
+    if n == 0:
+        raise RowError(f"{source}: row {row}: chosen and rejected share no prompt messages followed by an assistant "
+                       "turn in both, so the prompt cannot be found")  # fmt: skip
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+def render_chat(tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int) -> tuple[str, str]:
+    """(prompt text, completion text) from the tokenizer's chat template; the first is a prefix of the whole."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise RowError(
+            f"{source}: row {row}: the chat template's rendering of the prompt (add_generation_prompt=True) is not a "
+            f"prefix of its rendering of the whole conversation, so prompt and completion tokens cannot be separated "
+            f"exactly.\n  prompt ends: {prompt_text[-60:]!r}\n  whole has:   "
+            f"{full_text[max(0, len(prompt_text) - 60):len(prompt_text)]!r}\nUse a template without that rewriting "
+            "(data.chat_template)."
+        )
+    return prompt_text, full_text[len(prompt_text) :]
+
+
+def read_chat_template(value: str) -> str:
+    """A Jinja chat template given inline, or the path of a file holding one."""
+    if "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat_template: {value!r} is neither a Jinja template nor a file")
+    return path.read_text()
+
+
+def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: str, source: str, row: int) -> dict:
+    """Check one row and turn it into texts: {prompt, chosen, rejected} or {prompt, completion, label}.
+
+    Paired rows whose chosen and rejected are identical come back with `identical=True` (the DataModule skips and
+    counts them; they carry no preference).
+    """
+    col = layout.columns
+    out: dict[str, Any] = {}
+    if layout.structure == "unpaired":
+        out["label"] = check_label(values["label"], source, row, col["label"])
+    names = ("completion",) if layout.structure == "unpaired" else ("chosen", "rejected")
+    if not layout.conversational:
+        comps = {n: check_text(values[n], source, row, col[n], completion=True) for n in names}
+        if layout.structure == "implicit_prompt":
+            if comps["chosen"] == comps["rejected"]:
+                return {"identical": True}
+            prompt, comps["chosen"], comps["rejected"] = split_text(*comps.values(), marker, source, row)
+            for n in names:
+                check_text(comps[n], source, row, col[n], completion=True)
+        else:
+            prompt = check_text(values["prompt"], source, row, col["prompt"], completion=False)
+        return {**out, "prompt": prompt, **comps, "identical": False}
+    comps = {n: check_messages(values[n], source, row, col[n]) for n in names}
+    if layout.structure == "implicit_prompt":
+        if comps["chosen"] == comps["rejected"]:
+            return {"identical": True}
+        prompt, comps["chosen"], comps["rejected"] = split_messages(comps["chosen"], comps["rejected"], source, row)
+    else:
+        prompt = check_messages(values["prompt"], source, row, col["prompt"])
+        for n in names:  # completions that repeat the prompt messages: keep only what follows them
+            if comps[n][: len(prompt)] == prompt and len(comps[n]) > len(prompt):
+                comps[n] = comps[n][len(prompt) :]
+    for n in names:
+        check_completion_messages(comps[n], source, row, col[n])
+    if layout.paired and comps["chosen"] == comps["rejected"]:
+        return {"identical": True}
+    texts = {n: render_chat(tokenizer, prompt, comps[n], source, row) for n in names}
+    prompt_text = texts[names[0]][0]
+    return {**out, "prompt": prompt_text, **{n: t[1] for n, t in texts.items()}, "identical": False}
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+ENCODING_VERSION = 2  # bump when the encoding below changes: it is part of the cache fingerprint
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about a tokenizer that changes its ids: vocabulary, rules, special tokens, template."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None), spec.pop("padding", None)  # call-time state, set by padded calls elsewhere
+    else:  # a slow (python) tokenizer
+        spec = sorted(tokenizer.get_vocab().items())
+    return Hasher.hash([type(tokenizer).__name__, spec, tokenizer.chat_template, tokenizer.eos_token_id,
+                        sorted(map(str, tokenizer.all_special_tokens))])  # fmt: skip
+
+
+def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, tokenizer: Any, marker: str,
+                  source: str) -> dict[str, list]:  # fmt: skip
+    rows = []
+    for j, i in enumerate(indices):
+        try:
+            rows.append(row_texts({f: batch[c][j] for f, c in layout.columns.items()}, layout, tokenizer, marker,
+                                  source, i))  # fmt: skip
+        except RowError as err:  # kept as data: the DataModule raises or skips (`bad_rows`), naming them all
+            rows.append({"identical": False, "error": str(err)})
+    names = ("chosen", "rejected") if layout.paired else ("completion",)
+    keep = [j for j, r in enumerate(rows) if not (r["identical"] or "error" in r)]
+    # Text prompts get the tokenizer's own special tokens (bos); chat templates write theirs into the text.
+    special = not layout.conversational
+    out: dict[str, list] = {"row": list(indices), "error": [r.get("error", "") for r in rows],
+                            "prompt_ids": [[] for _ in rows]}  # fmt: skip
+    out.update({f"{n}_ids": [[] for _ in rows] for n in names})
+    if keep:
+        encoded = {"prompt": tokenizer([rows[j]["prompt"] for j in keep], add_special_tokens=special)["input_ids"]}
+        for n in names:
+            encoded[n] = tokenizer([rows[j][n] for j in keep], add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        for k, j in enumerate(keep):
+            out["prompt_ids"][j] = encoded["prompt"][k]
+            for n in names:  # eos ends every completion; a chat template's end-of-turn may already be eos
+                ids = encoded[n][k]
+                out[f"{n}_ids"][j] = ids if layout.conversational and eos in ids else ids + [eos]
+    if not layout.paired:
+        out["desirable"] = [bool(r.get("label")) for r in rows]
+    return out
+
+
+def encode(rows: Any, layout: Layout, tokenizer: Any, source: str, marker: str = "Assistant:",
+           num_proc: int | None = None) -> Any:  # fmt: skip
+    """Check and tokenize every row: a `datasets.Dataset` of prompt_ids, chosen_ids/rejected_ids (or completion_ids
+    and desirable), row (the source row index) and error (why the row failed a check, or ""). Identical pairs and
+    failed rows come out with empty id lists.
+
+    The result is cached by `datasets` under a fingerprint of the input rows, the layout, the tokenizer and this
+    encoding's version, so a second run with the same inputs reads it instead of tokenizing again.
+    """
+    from datasets.fingerprint import Hasher
+
+    fingerprint = Hasher.hash([rows._fingerprint, ENCODING_VERSION, layout.structure, layout.conversational,
+                               sorted(layout.columns.items()), marker, tokenizer_fingerprint(tokenizer)])  # fmt: skip
+    function = partial(_encode_batch, layout=layout, tokenizer=tokenizer, marker=marker, source=source)
+    return rows.map(function, batched=True, with_indices=True, remove_columns=rows.column_names,
+                    new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenizing {source}")  # fmt: skip

@@ -1,0 +1,290 @@
+"""Grids of runs as data: `python -m prefopt grid --config experiments/grids/<name>.yaml [--workers N] [--dry-run]`.
+
+A grid file names a base and the axes to sweep; every run is one `python -m prefopt fit` with generated overrides:
+
+    name: default                      # results go to results/<name>/ (default: the file's stem)
+    base: [experiments/dpo.yaml]       # experiment configs stacked after configs/base.yaml, in order
+    set: {trainer.max_steps: 300}      # fixed overrides of every run (any dotted config key)
+    axes:                              # swept as a cartesian product: every value a list
+      seed: [0, 1, 2]                  # `seed` is short for `seed_everything` (it also redraws the pairs)
+    variants:                          # explicit named variants, each crossed with the axes
+      - {model.loss.name: dpo, model.loss.beta: [0.1, 0.5]}     # a list inside a variant is swept too
+      - {name: ipo_sum, model.loss.name: ipo, model.loss.average_log_probs: false, model.loss.beta: [1, 2]}
+
+Keys under `model.loss.` are merged into the base's loss dict (a different `model.loss.name` starts from that
+loss's defaults), and the merged loss is validated while the grid is expanded, so a typo fails before any run
+starts. Run names are generated: the variant's `name` (default: its loss name), then every swept key's short name
+and value, then the seed, e.g. `dpo_beta0.5_seed1`; a hyperparameter whose value is itself a list is written as a
+list of one list. The runner is `prefopt.grid_runner`; the tables are `prefopt.tables`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_KEY = "model.loss"
+SEED_KEY = "seed_everything"
+ALIASES = {"seed": SEED_KEY}
+GRID_KEYS = {"name", "base", "set", "axes", "variants", "workers"}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be expanded: the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a grid: its generated name, the values the grid assigns, and the resolved loss."""
+
+    name: str
+    variant: str  # the variant's label: runs that differ only in seed and in `swept` loss values form a curve
+    assigned: dict[str, Any]  # every key the grid sets for this run (loss keys merged into `loss`), dotted
+    swept: tuple[str, ...]  # the keys swept by the grid (axes and list-valued variant keys), dotted
+    loss: dict[str, Any]  # the validated loss dict, all hyperparameters filled in
+    seed: int
+
+    def overrides(self, base: tuple[Path, ...]) -> list[str]:
+        """The `fit` arguments of this run (without the logger's location, which the runner adds)."""
+        args = [f"--config={p}" for p in base]
+        args += [f"--{k}={json.dumps(v)}" for k, v in self.assigned.items() if not k.startswith(LOSS_KEY)]
+        return args + [f"--{LOSS_KEY}={json.dumps(self.loss)}"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: Path
+    base: tuple[Path, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    variants: tuple[dict[str, Any], ...] = ()
+    workers: int | None = None
+
+
+def _resolve_path(value: str) -> Path:
+    """A base config path: as given if it exists (relative to the current folder), else under the repository."""
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    if (ROOT / path).exists():
+        return ROOT / path
+    raise GridError(f"base config {value!r} not found (relative to {Path.cwd()} or {ROOT})")
+
+
+def _key(key: Any, where: str) -> str:
+    if not isinstance(key, str) or not key or key.startswith("-"):
+        raise GridError(f"{where}: {key!r} is not a dotted config key such as model.loss.beta")
+    return ALIASES.get(key, key)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and check a grid file (its runs are checked by `expand`)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, Mapping):
+        raise GridError(f"{path}: a grid file is a mapping with keys {sorted(GRID_KEYS)}")
+    unknown = set(raw) - GRID_KEYS
+    if unknown:
+        raise GridError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(GRID_KEYS)}")
+    base = raw.get("base") or []
+    base = [base] if isinstance(base, str) else base
+    fixed = {_key(k, f"{path}: set"): v for k, v in (raw.get("set") or {}).items()}
+    axes: dict[str, list[Any]] = {}
+    for k, values in (raw.get("axes") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{path}: axes.{k} must be a non-empty list of values, got {values!r}")
+        axes[_key(k, f"{path}: axes")] = values
+    variants = []
+    for i, variant in enumerate(raw.get("variants") or []):
+        if not isinstance(variant, Mapping) or not variant:
+            raise GridError(f"{path}: variants[{i}] must be a mapping of config keys to values")
+        v = {k if k == "name" else _key(k, f"{path}: variants[{i}]"): val for k, val in variant.items()}
+        clash = (set(v) - {"name"}) & (set(axes) | set(fixed))
+        if clash:
+            raise GridError(f"{path}: variants[{i}] sets {sorted(clash)}, which `axes` or `set` already set")
+        if any(isinstance(val, list) and not val for val in v.values()):
+            raise GridError(f"{path}: variants[{i}] has an empty list of values")
+        variants.append(v)
+    workers = raw.get("workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise GridError(f"{path}: workers must be a positive integer, got {workers!r}")
+    name = str(raw.get("name") or path.stem)
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise GridError(f"{path}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    return Grid(name, path, tuple(_resolve_path(str(p)) for p in base), fixed, axes, tuple(variants), workers)
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in update.items():
+        into[k] = _merge(dict(into.get(k) or {}), v) if isinstance(v, Mapping) and isinstance(into.get(k), Mapping) else v
+    return into
+
+
+def base_values(grid: Grid) -> dict[str, Any]:
+    """The config the base files give (the CLI's base file, then `grid.base` in order), as nested dicts."""
+    from prefopt.cli import base_config
+
+    config: dict[str, Any] = {}
+    for path in [*map(Path, base_config()), *grid.base]:
+        _merge(config, yaml.safe_load(path.read_text()) or {})
+    return config
+
+
+def lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of nested dicts, or None."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def merge_loss(base_loss: Any, assigned: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's loss: the base loss, replaced by `model.loss` and updated by `model.loss.<hyperparameter>` keys.
+
+    A `model.loss.name` that differs from the loss so far starts from that loss's defaults (the base's
+    hyperparameters belong to another loss). The result is validated and every hyperparameter filled in.
+    """
+    from prefopt.losses import LossConfig
+
+    loss = base_loss if base_loss is not None else {"name": "dpo"}
+    if LOSS_KEY in assigned:
+        loss = assigned[LOSS_KEY]
+    loss = {"name": loss} if isinstance(loss, str) else dict(loss)
+    name = assigned.get(f"{LOSS_KEY}.name")
+    if name is not None and name != loss.get("name"):
+        loss = {"name": name}
+    loss.update({k[len(LOSS_KEY) + 1 :]: v for k, v in assigned.items() if k.startswith(f"{LOSS_KEY}.")})
+    return LossConfig.from_value(loss).to_dict()
+
+
+def short_name(key: str, keys: list[str]) -> str:
+    """The shortest dotted suffix of `key` that no other key in `keys` ends with: lr, max_train_pairs, beta."""
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-n:])
+        if not any(o != key and (o == suffix or o.endswith("." + suffix)) for o in keys):
+            return suffix
+    return key
+
+
+def format_value(value: Any) -> str:
+    """A value as it appears in a run name: 0.5, 1e-05, true, AdamW; mappings and lists as a short hash."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (Mapping, list)):
+        text = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+    elif isinstance(value, str) and re.fullmatch(r"[\w.]+\.[A-Z]\w*", value):
+        text = value.rsplit(".", 1)[-1]  # a class path: torch.optim.AdamW -> AdamW
+    else:
+        text = str(value)
+    return re.sub(r"[^\w.+-]", "-", text)
+
+
+def expand(grid: Grid) -> list[Run]:
+    """Every run of the grid: (variants or one empty variant) x the cartesian product of the axes, seed-major."""
+    base = base_values(grid)
+    base_loss, base_seed = lookup(base, LOSS_KEY), lookup(base, SEED_KEY) or 0
+    variant_swept = {k for v in grid.variants for k, val in v.items() if k != "name" and isinstance(val, list)}
+    swept = list(grid.axes) + sorted(variant_swept - set(grid.axes))
+    shown = [k for k in swept if k not in (SEED_KEY, f"{LOSS_KEY}.name", LOSS_KEY)]
+    runs = []
+    for variant in grid.variants or ({},):
+        fixed = {k: v for k, v in variant.items() if k != "name" and not isinstance(v, list)}
+        lists = {**grid.axes, **{k: v for k, v in variant.items() if k != "name" and isinstance(v, list)}}
+        for combo in itertools.product(*lists.values()):
+            values = dict(zip(lists, combo))
+            assigned = {**grid.fixed, **fixed, **values}
+            try:
+                loss = merge_loss(base_loss, assigned)
+            except ValueError as err:
+                raise GridError(f"{grid.path}: variant {variant or '(none)'}: {err}") from None
+            seed = int(assigned.get(SEED_KEY, base_seed))
+            label = str(variant.get("name") or loss["name"])
+            parts = [label] + [f"{short_name(k, shown)}{format_value(values[k])}" for k in shown if k in values]
+            runs.append(Run("_".join(parts + [f"seed{seed}"]), label, assigned, tuple(swept), loss, seed))
+    seen: dict[str, Run] = {}
+    for run in runs:
+        if run.name in seen:
+            raise GridError(f"{grid.path}: two runs are both named {run.name!r}; give the variants distinct `name`s")
+        seen[run.name] = run
+    return sorted(runs, key=lambda r: r.seed)  # stable: seed-major keeps each partial grid a set of whole seeds
+
+
+def check_configs(grid: Grid, runs: list[Run]) -> None:
+    """Parse the first run of each variant with the CLI (`--print_config`): a wrong key fails before any run starts."""
+    import contextlib
+    import io
+
+    from prefopt.cli import main
+
+    firsts = {run.variant: run for run in reversed(runs)}
+    for run in firsts.values():
+        err, argv = io.StringIO(), sys.argv
+        sys.argv = argv[:1]  # LightningCLI warns when it is given args while sys.argv holds others (ours)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                main(["fit", *run.overrides(grid.base), "--print_config"])
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code or 0
+            finally:
+                sys.argv = argv
+        if code:
+            raise GridError(f"run {run.name} does not parse:\n{err.getvalue().strip()[-2000:]}")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefopt grid", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the grid file, e.g. experiments/grids/default.yaml")
+    parser.add_argument("--out", help="results folder (default: results/<grid name>)")
+    parser.add_argument("--workers", type=int, help="parallel runs (default: the grid's `workers`, else the cores)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    parser.add_argument("--no-check", action="store_true", help="skip parsing one run per variant before starting")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.config)
+        extra = dict(item.split("=", 1) for item in args.set if "=" in item)
+        if len(extra) != len(args.set):
+            raise GridError(f"--set takes KEY=VALUE, got {args.set}")
+        if extra:
+            fixed = {**grid.fixed, **{_key(k, "--set"): yaml.safe_load(v) for k, v in extra.items()}}
+            grid = dataclasses.replace(grid, fixed=fixed)
+        runs = expand(grid)
+        if not args.no_check:
+            check_configs(grid, runs)
+    except GridError as err:
+        parser.exit(2, f"error: {err}\n")
+    from prefopt.grid_runner import GridRunner
+
+    out = Path(args.out or Path("results") / grid.name)
+    workers = args.workers or grid.workers or default_workers()
+    runner = GridRunner(grid, runs, out, workers=workers)
+    if args.dry_run:
+        runner.print_plan()
+        return 0
+    return runner.run()

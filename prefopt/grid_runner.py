@@ -1,0 +1,268 @@
+"""Run a grid: N worker slots, one `python -m prefopt fit` subprocess per run, resumable, tables after every run.
+
+- Each run lives in `<out>/runs/<run>/` (the TensorBoard logger's folder): the grid's `run.json`, the run's
+  `config.yaml`, `metrics.json`, checkpoints, and its stdout/stderr logs.
+- Resumable: a run whose `metrics.json` says `finished` (and whose arguments are unchanged) is skipped; a run that
+  was started but never ended (a killed grid) resumes from its `checkpoints/last.ckpt` if it has one, and starts
+  again from scratch if that resume fails; a failed run, or one whose arguments changed, starts again from scratch.
+- A failed run writes `error.txt` (the tail of its stderr) and does not stop the others.
+- Every run gets cores // N torch threads (OMP_NUM_THREADS) and the same $PREFOPT_CACHE, so the reference policy,
+  the pairs of each seed and the reference log-probs are computed once and shared by every run (and later grids).
+- On Linux a run dies with the grid (PR_SET_PDEATHSIG), so a grid killed with kill -9 leaves no orphan writing
+  into its folder; the tables are rewritten atomically after every run (`prefopt.tables`).
+
+The fit command is `python -m prefopt fit`; PREFOPT_GRID_FIT_COMMAND replaces it (a shell-quoted command line),
+which is how the tests run grids of stub runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from prefopt.grid import ROOT, Grid, Run
+from prefopt.tables import (CONFIG_FILE, ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
+                            write_atomic, write_json, write_tables)  # fmt: skip
+
+STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt
+POLL_S = 0.2
+
+
+def fit_command() -> list[str]:
+    override = os.environ.get("PREFOPT_GRID_FIT_COMMAND")
+    return shlex.split(override) if override else [sys.executable, "-m", "prefopt", "fit"]
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """The checked-out commit, read from .git's files (HEAD, then the ref it names, loose or packed)."""
+    git = root / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+@dataclass
+class Active:
+    run: Run
+    process: subprocess.Popen
+    started: float
+    stderr: IO[bytes]
+    resumed: bool
+    load: float  # the 1-minute load average when it started: timings taken on a busy machine are noisy
+
+
+class GridRunner:
+    def __init__(self, grid: Grid, runs: list[Run], out: Path, workers: int) -> None:
+        self.grid, self.runs, self.out = grid, runs, Path(out)
+        self.workers = max(1, workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = max(1, cores // self.workers)
+        self.commit = git_commit()
+        self.tty = sys.stderr.isatty()
+
+    # ---------------------------------------------------------------- per-run files
+    def run_dir(self, run: Run) -> Path:
+        return self.out / "runs" / run.name
+
+    def spec(self, run: Run) -> dict:
+        """run.json: what the grid assigned; `args` decides whether a recorded run is still this run."""
+        return {"name": run.name, "variant": run.variant, "assigned": run.assigned, "loss": run.loss,
+                "seed": run.seed, "swept": list(run.swept), "args": run.overrides(self.grid.base),
+                "grid": self.grid.name, "git_commit": self.commit}  # fmt: skip
+
+    def status(self, run: Run) -> str:
+        return run_status(self.run_dir(run), self.spec(run))
+
+    def command(self, run: Run, resume: Path | None) -> list[str]:
+        logger = "--trainer.logger.init_args."
+        args = [*fit_command(), *run.overrides(self.grid.base), "--trainer.enable_progress_bar=false",
+                f"{logger}save_dir={self.out.resolve() / 'runs'}", f"{logger}name={run.name}", f"{logger}version="]  # fmt: skip; empty version: no version_<n>/
+        return args + ([f"--ckpt_path={resume}"] if resume else [])
+
+    def environment(self) -> dict[str, str]:
+        from prefopt.gold_build import default_cache_dir  # the one cache every run of every grid shares
+
+        env = dict(os.environ, PREFOPT_CACHE=str(Path(default_cache_dir()).resolve()), PYTHONUNBUFFERED="1")
+        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
+        return env
+
+    # ---------------------------------------------------------------- plan
+    def print_plan(self) -> None:
+        statuses = [self.status(r) for r in self.runs]
+        width = max(len(r.name) for r in self.runs)
+        for run, status in zip(self.runs, statuses):
+            print(f"{run.name:<{width}}  {status:<10}  {' '.join(run.overrides(self.grid.base))}")
+        todo = sum(s != "ok" for s in statuses)
+        print(f"{len(self.runs)} runs, {todo} to run, into {self.out}; {self.workers} workers x {self.threads} threads")
+
+    # ---------------------------------------------------------------- running
+    def _start(self, run: Run, env: dict[str, str]) -> Active:
+        run_dir = self.run_dir(run)
+        status = self.status(run)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume = last if status == "unfinished" and last.is_file() else None
+        if resume is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # failed, stale or unfinished without a checkpoint: from scratch
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        write_json(self.spec(run), run_dir / RUN_FILE)
+        stdout = open(run_dir / "stdout.log", "ab")
+        stderr = open(run_dir / "stderr.log", "wb+")
+        process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+        stdout.close()
+        return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
+
+    def _finish(self, active: Active, code: int) -> str:
+        run_dir = self.run_dir(active.run)
+        active.stderr.seek(0)
+        tail = active.stderr.read().decode(errors="replace")[-STDERR_TAIL:]
+        active.stderr.close()
+        spec = dict(self.spec(active.run), run_time_s=time.perf_counter() - active.started, exit_code=code,
+                    load_start=active.load, load_end=os.getloadavg()[0], workers=self.workers, threads=self.threads)
+        write_json(spec, run_dir / RUN_FILE)
+        if code == 0 and run_status(run_dir) == "ok":
+            return "ok"
+        reason = f"exit code {code}" if code else f"exited 0 without a finished {METRICS_FILE}"
+        (run_dir / ERROR_FILE).write_text(f"{reason}\n{tail}")
+        return "failed"
+
+    def run(self) -> int:
+        """Run every run that is not complete; returns 0 if all are complete at the end, else 1."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        for run in self.runs:
+            remove_stale_temporaries(self.run_dir(run))
+        todo = [r for r in self.runs if self.status(r) != "ok"]
+        progress = Progress(len(self.runs), len(self.runs) - len(todo), self.workers, self.tty)
+        self._write_tables()
+        if not todo:
+            progress.line(f"all {len(self.runs)} runs of {self.grid.name} are complete in {self.out}", final=True)
+            return 0
+        env, load = self.environment(), os.getloadavg()[0]
+        self._prepare_cache(todo)
+        print(f"grid {self.grid.name}: {len(todo)} runs to do into {self.out}; {self.workers} workers x "
+              f"{self.threads} threads; cache {env['PREFOPT_CACHE']}", file=sys.stderr)  # fmt: skip
+        queue, active, retried = list(todo), [], set()
+        try:
+            while queue or active:
+                while queue and len(active) < self.workers:
+                    active.append(self._start(queue.pop(0), env))
+                progress.update(running=len(active))
+                time.sleep(POLL_S)
+                for a in [a for a in active if a.process.poll() is not None]:
+                    active.remove(a)
+                    result = self._finish(a, a.process.returncode)
+                    if result == "failed" and a.resumed and a.run.name not in retried:
+                        retried.add(a.run.name)  # a resume that fails (a bad checkpoint): once more from scratch
+                        shutil.rmtree(self.run_dir(a.run))
+                        queue.insert(0, a.run)
+                        continue
+                    progress.done(result, time.perf_counter() - a.started, a.run.name)
+                    self._write_tables()
+        except KeyboardInterrupt:
+            for a in active:
+                a.process.terminate()
+            for a in active:
+                a.process.wait()
+            self._write_tables()
+            progress.line("interrupted: run the same command again to resume", final=True)
+            return 130
+        progress.line(f"finished: {progress.ok} ok, {progress.failed} failed; tables in {self.out}", final=True)
+        self._log_invocation(progress, env["PREFOPT_CACHE"], load)
+        return 0 if progress.failed == 0 else 1
+
+    def _log_invocation(self, progress: Progress, cache: str, load_start: float) -> None:
+        """Append this invocation's wall time and conditions to <out>/grid.json (the grid's timing record)."""
+        path = self.out / "grid.json"
+        log = json.loads(path.read_text()) if path.is_file() else []
+        log.append({"grid": self.grid.name, "runs": len(self.runs), "ran": progress.ok + progress.failed,
+                    "ok": progress.ok, "failed": progress.failed, "wall_time_s": time.perf_counter() - progress.start,
+                    "workers": self.workers, "threads": self.threads, "cache": cache, "git_commit": self.commit,
+                    "load_start": load_start, "load_end": os.getloadavg()[0], "fixed": self.grid.fixed,
+                    "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(log, indent=2)))
+
+    def _write_tables(self) -> None:
+        write_tables(self.out, [self.run_dir(r) for r in self.runs])
+
+    def _prepare_cache(self, todo: list[Run]) -> None:
+        """Build the built-in task's reference once, here, rather than in several workers at the same time."""
+        from prefopt.grid import base_values, lookup
+
+        models = {r.assigned.get("model.model", lookup(base_values(self.grid), "model.model")) for r in todo}
+        if "gold" in models:
+            from prefopt.gold_build import ensure_reference
+
+            ensure_reference()
+
+
+class Progress:
+    """One status line: done, running, failed, elapsed and an estimate of the time left."""
+
+    def __init__(self, total: int, skipped: int, workers: int, tty: bool) -> None:
+        self.total, self.skipped, self.workers, self.tty = total, skipped, workers, tty
+        self.ok, self.failed, self.running = 0, 0, 0
+        self.durations: list[float] = []
+        self.start = time.perf_counter()
+
+    def done(self, result: str, seconds: float, name: str) -> None:
+        self.ok += result == "ok"
+        self.failed += result == "failed"
+        self.durations.append(seconds)
+        self.running -= 1
+        self.line(f"{result:<6} {name} ({seconds:.0f} s)", final=True)
+
+    def update(self, running: int) -> None:
+        self.running = running
+        self.line("")
+
+    def status(self) -> str:
+        done = self.skipped + self.ok + self.failed
+        left = self.total - done
+        eta = "?"
+        if self.durations:
+            per_run = sum(self.durations) / len(self.durations)
+            eta = _minutes(per_run * left / min(self.workers, max(left, 1)))
+        return (f"[{done}/{self.total} done ({self.skipped} before), {self.running} running, {self.failed} failed, "
+                f"{_minutes(time.perf_counter() - self.start)} elapsed, ~{eta} left]")  # fmt: skip
+
+    def line(self, message: str, final: bool = False) -> None:
+        """A terminal gets one line redrawn in place; a log file gets a line per finished run only."""
+        text = f"{self.status()} {message}".rstrip()
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+            sys.stderr.flush()
+        elif final:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

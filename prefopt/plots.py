@@ -1,0 +1,149 @@
+"""The report's PNG plots, each a function of results tables (DataFrames) and an output path.
+
+- `frontier_plot`: gold reward against sampled KL, one point per setting (mean over seeds, error bars one s.d.
+  across seeds on both axes), a line per curve along its hyperparameter, the exact optimal frontier as the limit,
+  and each DPO setting's analytic target (hollow marker, dotted to where the runs landed), as in Figure 2 of the
+  DPO paper (Rafailov et al. 2023).
+- `gap_plot`: the gap to the frontier against the swept hyperparameter, one panel per curve.
+- `sweep_plot`: preference accuracy, log-ratio margin and sampled KL against the hyperparameter, per curve.
+- `curves_plot`: gold reward and sampled KL at every validation step, per setting (mean over seeds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from prefopt.ranking import ACCURACY, GAP, KL, MARGIN, REWARD  # noqa: E402
+from prefopt.tables import write_atomic  # noqa: E402
+
+
+def _colors(curves: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    return {c: cmap(i % cmap.N) for i, c in enumerate(curves)}
+
+
+def swept_parameter(points: pd.DataFrame) -> str | None:
+    """The loss hyperparameter column that varies along a curve (the first, if several); None for one point."""
+    varying = [c for c in points.columns if c.startswith("loss.") and points[c].nunique() > 1]
+    return varying[0] if varying else None
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    plt.close(fig)
+    return path
+
+
+def frontier_plot(points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame, path: Path) -> Path:
+    """points: the summary with a `curve` column; frontier: (kl, reward); targets: (curve, target_kl, target_reward,
+    kl, reward) for the DPO settings."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    xmax = float(np.nanmax(points[f"{KL}.mean"] + points[f"{KL}.std"].fillna(0))) * 1.1
+    f = frontier[(frontier["kl"] <= xmax) & np.isfinite(frontier["kl"])].sort_values("kl")
+    ax.plot(f["kl"], f["reward"], color="black", lw=1.8, label="exact optimal frontier")
+    colors = _colors(list(points["curve"].unique()))
+    for curve, g in points.groupby("curve", sort=False):
+        g = g.sort_values(f"{KL}.mean")
+        ax.errorbar(g[f"{KL}.mean"], g[f"{REWARD}.mean"], xerr=g[f"{KL}.std"], yerr=g[f"{REWARD}.std"], fmt="o-",
+                    ms=5, lw=1.2, capsize=2, color=colors[curve], label=curve)  # fmt: skip
+        param = swept_parameter(g)
+        for _, row in g.iterrows() if param else ():
+            ax.annotate(f"{row[param]:g}", (row[f"{KL}.mean"], row[f"{REWARD}.mean"]), fontsize=6,
+                        xytext=(3, -8), textcoords="offset points", color=colors[curve])  # fmt: skip
+    for _, t in targets.iterrows():
+        color = colors.get(t["curve"], "gray")
+        ax.plot([t["target_kl"], t["kl"]], [t["target_reward"], t["reward"]], ":", color=color, lw=0.8)
+        ax.plot(t["target_kl"], t["target_reward"], "o", mfc="none", color=color, ms=7)
+    if len(targets):
+        ax.plot([], [], "o", mfc="none", color="gray", label="DPO target: frontier point at b = T beta")
+    ax.set(xlabel="sampled KL(pi || pi_ref), nats per response", ylabel="gold reward", xlim=(0, xmax),
+           title="Gold reward against KL (mean over seeds, bars: 1 s.d.; labels: the hyperparameter)")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _panels(n: int, rows: int = 1) -> tuple[plt.Figure, np.ndarray]:
+    fig, axes = plt.subplots(rows, n, figsize=(3.0 * n + 0.5, 2.7 * rows), squeeze=False)
+    return fig, axes
+
+
+def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
+    if param is None:
+        return np.arange(len(g), dtype=float)
+    x = g[param].astype(float).to_numpy()
+    if (x > 0).all() and x.max() / x.min() > 5:
+        ax.set_xscale("log")
+    ax.set_xlabel(param.removeprefix("loss."))
+    return x
+
+
+def gap_plot(points: pd.DataFrame, path: Path) -> Path:
+    curves = list(points["curve"].unique())
+    colors = _colors(curves)
+    fig, axes = _panels(len(curves))
+    for ax, curve in zip(axes[0], curves):
+        g = points[points["curve"] == curve]
+        param = swept_parameter(g)
+        g = g.sort_values(param) if param else g
+        x = _param_axis(ax, g, param)
+        ax.errorbar(x, g[f"{GAP}.mean"], yerr=g[f"{GAP}.ci95"], fmt="o-", color=colors[curve], capsize=2)
+        ax.set_title(curve, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gap to the frontier (95% CI)")
+    return _save(fig, path)
+
+
+def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
+    curves = list(points["curve"].unique())
+    colors = _colors(curves)
+    metrics = [(ACCURACY, "preference accuracy"), (MARGIN, "margin h (nats)"), (KL, "sampled KL")]
+    metrics = [(m, label) for m, label in metrics if f"{m}.mean" in points]
+    fig, axes = _panels(len(curves), rows=len(metrics))
+    for j, curve in enumerate(curves):
+        g = points[points["curve"] == curve]
+        param = swept_parameter(g)
+        g = g.sort_values(param) if param else g
+        for i, (metric, label) in enumerate(metrics):
+            ax = axes[i][j]
+            x = _param_axis(ax, g, param)
+            ax.errorbar(x, g[f"{metric}.mean"], yerr=g[f"{metric}.ci95"], fmt="o-", color=colors[curve], capsize=2)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(label)
+            if i == 0:
+                ax.set_title(curve, fontsize=9)
+    return _save(fig, path)
+
+
+def curves_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
+    """history: (run, step, metrics...); runs: (run, curve, and the loss columns) of the ok runs."""
+    merged = history.merge(runs, on="run", suffixes=("", "_final"))
+    curves = list(runs["curve"].unique())
+    colors = _colors(curves)
+    metrics = [m for m in (REWARD, KL, ACCURACY) if m in history]
+    fig, axes = _panels(len(metrics))
+    for curve, g in merged.groupby("curve", sort=False):
+        param = swept_parameter(g)
+        keys = [param] if param else []
+        for ax, metric in zip(axes[0], metrics):
+            for _, setting in g.groupby(keys, sort=True) if keys else [((), g)]:
+                mean = setting.groupby("step")[metric].mean()
+                ax.plot(mean.index, mean.to_numpy(), "-", color=colors[curve], lw=1, alpha=0.8)
+    for ax, metric in zip(axes[0], metrics):
+        ax.set(xlabel="step", title=metric)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    for curve in curves:
+        axes[0][0].plot([], [], color=colors[curve], label=curve)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,152 @@
+"""Prompt-prefix sharing: each pair is one sequence prompt + chosen + rejected, so the prompt is computed once.
+
+The standard layout (`prefopt.logps`) runs 2B rows, prompt + chosen and prompt + rejected, and so computes every
+prompt twice. Here a pair is one row x ++ y_w ++ y_l with a block-sparse causal mask in which the rejected tokens see
+the prompt and the earlier rejected tokens but not the chosen ones, and with position ids that restart at |x| for the
+rejected part, so every token sees exactly the context (and the positions) it has in the standard layout (Wang and
+Hegde 2024, "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv 2410.20305, Fig. 1).
+
+Layout of a pair (P, C, R = prompt, chosen, rejected lengths; T = the batch's longest row):
+
+    tokens     x_0 .. x_{P-1} | w_0 .. w_{C-1} | l_0 .. l_{R-1} | pad ..
+    positions  0   .. P-1     | P   .. P+C-1   | P   .. P+R-1   | 0 ..
+    attends    causal         | causal         | x and l_<j     | itself only (no all-masked softmax rows)
+
+The label log-probs: w_j is predicted by the hidden state at row position P-1+j; l_0 by position P-1 (the last prompt
+token predicts both first tokens, with different labels), l_j (j >= 1) by position P+C+j-1. The output is the standard
+(2B, L) per-token layout (chosen rows then rejected rows, completions left-aligned), with a matching completion mask
+whose column 0 is 0, so `prefopt.logps.pair_logps` reads it unchanged.
+
+The LM head runs only at the C + R predicting positions, not on prompt positions or padding.
+
+Packing (`pack_length`): several pairs may share a row, each attending only within itself (a block-diagonal mask over
+the pairs), so that a batch of pairs of different lengths needs little padding without changing which pairs form the
+batch. The attention of a longer row costs more (it grows with the row length), the linear layers do not.
+
+Deviations from a plain forward, both within float rounding: attention over a masked longer row sums the same terms
+in a different order, and the rejected part's rotary phases are computed for the restarted positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from prefopt.logps import decoder_and_head, label_logps_from_hidden
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into rows of at most max(capacity, longest) tokens."""
+    capacity = max(capacity, max(lengths))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        fill[row] += lengths[i]
+    return rows
+
+
+def collate_shared_pairs(
+    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int, pack_length: int = 0
+) -> dict[str, Tensor]:
+    """Pairs as prompt + chosen + rejected sequences, one per row (or packed: several per row), right-padded.
+
+    pack_length 0: one pair per row; otherwise pairs are packed first-fit into rows of up to max(pack_length, the
+    longest pair) tokens, attending only within their own pair (the batch's pairs are unchanged, only less padding).
+
+    Returns input_ids, position_ids, segment_ids (the pair of each position, -1 on padding) and part_ids (0 prompt,
+    1 chosen, 2 rejected, 3 padding), all (rows, T); and for the loss, in the standard per-token layout of 2B rows
+    (chosen rows then rejected rows, in pair order, completions left-aligned): completion_mask (2B, L + 1), 1 on
+    columns 1..C (chosen rows) or 1..R (rejected rows) and 0 in column 0, so that completion_mask[:, 1:] marks the
+    (2B, L) label slots as in `prefopt.logps`; and, in the row-major order of those slots, pred_index (n,) into the
+    flattened (rows * T) positions and labels (n,).
+    """
+    b = len(prompts)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(b)]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    part_ids = torch.full((len(rows), width), 3, dtype=torch.long)
+    start = [0] * b  # flat index (row * width + offset) where each pair begins
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            n_p, n_c, n_r = len(prompts[i]), len(chosen[i]), len(rejected[i])
+            span = slice(offset, offset + lengths[i])
+            input_ids[r, span] = torch.tensor(prompts[i] + chosen[i] + rejected[i], dtype=torch.long)
+            position_ids[r, span] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
+            segment_ids[r, span] = i
+            part_ids[r, span] = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
+            start[i] = r * width + offset
+            offset += lengths[i]
+    widest = max(max(map(len, chosen)), max(map(len, rejected)))
+    label_mask = torch.zeros((2 * b, widest), dtype=torch.bool)
+    chosen_pred, rejected_pred = [], []
+    for i in range(b):
+        n_p, n_c, n_r = len(prompts[i]), len(chosen[i]), len(rejected[i])
+        label_mask[i, :n_c] = True
+        label_mask[b + i, :n_r] = True
+        chosen_pred.append(start[i] + torch.arange(n_p - 1, n_p + n_c - 1))
+        rejected_pred.append(start[i] + torch.cat([torch.tensor([n_p - 1]), torch.arange(n_p + n_c, n_p + n_c + n_r - 1)]))
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "part_ids": part_ids,
+        "completion_mask": F.pad(label_mask.long(), (1, 0)),
+        "pred_index": torch.cat(chosen_pred + rejected_pred),
+        "labels": torch.tensor([t for c in chosen for t in c] + [t for r in rejected for t in r], dtype=torch.long),
+    }
+
+
+def shared_attention_mask(batch: dict[str, Tensor]) -> Tensor:
+    """Boolean (rows, 1, T, T) mask, True where a query may attend to a key (see the module docstring)."""
+    seg, part = batch["segment_ids"], batch["part_ids"]  # (rows, T)
+    pos = torch.arange(seg.shape[1], device=seg.device)
+    causal = pos[None, :, None] >= pos[None, None, :]  # (1, T, T)
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    same_pair = seg[:, :, None] == seg[:, None, :]
+    allowed = causal & same_pair & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
+    allowed |= (q_part == 3) & (pos[:, None] == pos[None, :])  # padding rows attend to themselves only
+    return allowed.unsqueeze(1)
+
+
+def _mask_for(model: nn.Module, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask in the form the model's attention backend reads: boolean for sdpa, additive float for eager."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"prompt sharing needs attention 'sdpa' or 'eager' (a custom 4D mask), not {impl!r}")
+
+
+def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
+    """Per-token completion log-probs (2B, L) of a prompt-shared batch, aligned with batch["completion_mask"][:, 1:].
+
+    `pair_logps(shared_token_logps(model, batch), batch["completion_mask"])` is then the usual record.
+    `chunk_size`: rows of the LM head computed at a time (`prefopt.logps.label_logps_from_hidden`).
+    """
+    dtype = next(model.parameters()).dtype
+    mask = _mask_for(model, shared_attention_mask(batch), dtype)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    parts = decoder_and_head(model)
+    if parts is None:  # a model with extra logit processing: full logits, then pick the predicting positions
+        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]]  # (n, V)
+        values = torch.gather(logits.float(), 1, batch["labels"][:, None]).squeeze(1) - logits.float().logsumexp(-1)
+    else:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        picked = hidden.flatten(0, 1)[batch["pred_index"]]  # (n, H)
+        values = label_logps_from_hidden(picked, head.weight, batch["labels"], head.bias, chunk_size)  # (n,)
+    label_mask = batch["completion_mask"][:, 1:].bool()  # (2B, L)
+    out = torch.zeros(label_mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(label_mask, values)  # row-major order of the slots = the order of pred_index

@@ -1,0 +1,144 @@
+"""`python -m prefopt report results/<grid> [--kl 0.5 1 2] [--no-plots]`: summary, ranking and plots of a grid.
+
+Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.csv) and writes, beside them:
+
+- frontier.csv: the task's exact optimal frontier (b, kl, reward), so notebooks need nothing from training code;
+- targets.csv: each DPO setting's analytic target: DPO's population optimum is pi_ref exp(R / (T beta)), the
+  frontier point at b = T beta (T: the label temperature), next to where its runs landed;
+- matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds;
+- ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.ranking`);
+- frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.plots`).
+
+It prints the summary (mean ± 95% CI across seeds), the matched-KL table and the ranking. Preference accuracy is
+shown but never ranks (GOLD_TASK.md pitfall 4). A grid without gold metrics (another dataset) gets the summary only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from prefopt import ranking as rk
+from prefopt.tables import write_csv
+
+FRONTIER_B = np.geomspace(0.02, 500.0, 300)  # from the near-maximal-reward tilt to (almost) the base
+
+
+def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, summary, history) of a results folder."""
+    parquet = folder / "runs.parquet"
+    runs = pd.read_parquet(parquet) if parquet.is_file() else pd.read_csv(folder / "runs.csv")
+    summary = pd.read_csv(folder / "summary.csv")
+    history_path = folder / "history.csv"
+    history = pd.read_csv(history_path) if history_path.is_file() and history_path.stat().st_size > 1 else pd.DataFrame()
+    return runs, summary, history
+
+
+def frontier_table() -> pd.DataFrame:
+    from prefopt.gold_task import base_mean_reward, frontier_curve
+
+    kl, reward = frontier_curve(FRONTIER_B)
+    rows = pd.DataFrame({"b": FRONTIER_B, "kl": kl, "reward": reward})
+    base = pd.DataFrame({"b": [math.inf], "kl": [0.0], "reward": [base_mean_reward()]})
+    return pd.concat([rows, base], ignore_index=True).sort_values("kl", ignore_index=True)
+
+
+def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per plain-DPO setting (every hyperparameter but beta at its default): target and achieved (kl, reward)."""
+    from prefopt.gold_task import frontier_point
+    from prefopt.losses import LOSSES
+
+    curves = rk.with_curves(runs)
+    dpo = curves[curves["loss"] == "dpo"]
+    for name, default in LOSSES["dpo"].defaults().items():
+        column = f"loss.{name}"
+        if name != "beta" and column in dpo:
+            dpo = dpo[dpo[column].astype(str) == str(default)]
+    temperature = "data.gold.label_temperature"
+    if dpo.empty or temperature not in dpo:
+        return pd.DataFrame(columns=["curve", "beta", "T", "b", "target_kl", "target_reward", "kl", "reward", "n"])
+    rows = []
+    for (curve, beta, t), g in dpo.groupby(["curve", "loss.beta", temperature], sort=False):
+        if not t > 0:  # T = 0 (deterministic labels): DPO's optimum is not a finite tilt
+            continue
+        kl, reward = frontier_point(t * beta)
+        rows.append({"curve": curve, "beta": beta, "T": t, "b": t * beta, "target_kl": kl, "target_reward": reward,
+                     "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: pd.Series, ci: pd.Series, digits: int = 3) -> pd.Series:
+    return [f"{m:.{digits}f} ± {c:.{digits}f}" if pd.notna(c) else f"{m:.{digits}f}" for m, c in zip(mean, ci)]
+
+
+def summary_view(points: pd.DataFrame) -> pd.DataFrame:
+    """The printed summary: one row per setting, mean ± 95% CI across seeds of the headline metrics."""
+    view = pd.DataFrame({"curve": points["curve"]})
+    swept = [c for c in points.columns if c.startswith("loss.") and points.groupby("curve")[c].nunique().max() > 1]
+    for c in swept:
+        view[c.removeprefix("loss.")] = points[c]
+    view["n"] = points["n"]
+    for metric, label, digits in ((rk.KL, "KL", 2), (rk.REWARD, "gold reward", 3), (rk.GAP, "frontier gap", 3),
+                                  (rk.ACCURACY, "accuracy", 3), (rk.MARGIN, "margin (nats)", 2)):  # fmt: skip
+        if f"{metric}.mean" in points:
+            view[label] = _pm(points[f"{metric}.mean"], points[f"{metric}.ci95"], digits)
+    return view
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefopt report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a grid's results folder, e.g. results/default")
+    parser.add_argument("--kl", type=float, nargs="+", help="target KLs for the matched-KL table (default: a few "
+                        "round values within the KLs the runs reached)")  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    runs, summary, history = read_tables(args.results)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 30)
+    if rk.KL not in runs or runs[rk.KL].isna().all():
+        keys = [c for c in summary.columns if not c.endswith((".mean", ".std", ".ci95"))]
+        print(summary[keys + [c for c in summary.columns if c.endswith(".mean")][:8]].to_string(index=False))
+        print("\n(no gold-task metrics in these runs: no frontier, ranking or plots)")
+        return 0
+    points = summary
+    frontier, targets = frontier_table(), dpo_targets(runs)
+    observed = rk.with_curves(runs)[rk.KL]
+    kls = args.kl or [k for k in rk.NICE_KLS if observed.min() <= k <= observed.max()]
+    matched, ranked = rk.matched_kl(runs, kls), rk.ranking(runs)
+    out = args.results
+    for name, table in (("frontier", frontier), ("targets", targets), ("matched_kl", matched), ("ranking", ranked)):
+        write_csv(table, out / f"{name}.csv")
+
+    print(f"Summary of {out} (mean ± 95% CI across seeds; KL: sampled KL(pi || pi_ref) in nats)\n")
+    print(summary_view(points).to_string(index=False))
+    if len(matched):
+        cells = matched.assign(cell=_pm(matched["reward.mean"], matched["reward.ci95"]))
+        print("\nGold reward at matched KL (interpolated along each curve, per seed; ± 95% CI):\n")
+        table = cells.pivot(index="curve", columns="kl", values="cell").reindex(points["curve"].unique())
+        frontier_row = pd.DataFrame([{k: f"{rk._default_frontier()(k):.3f}" for k in table.columns}], index=["(frontier)"])
+        print(pd.concat([table, frontier_row]).fillna("-").to_string())
+    if len(ranked):
+        print(f"\nRanking by the mean gap to the frontier over KL {ranked['matched_kl_lo'].iloc[0]:.2f}-"
+              f"{ranked['matched_kl_hi'].iloc[0]:.2f} (the range every curve and seed covers); lower is better:\n")  # fmt: skip
+        view = pd.DataFrame({"rank": ranked["rank"], "curve": ranked["curve"],
+                             "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
+                             "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
+                             "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
+                             "at": ranked["best_gap.setting"],
+                             "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
+                             "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in
+                                                       zip(ranked["accuracy.min"], ranked["accuracy.max"])]})  # fmt: skip
+        print(view.to_string(index=False))
+    if not args.no_plots:
+        from prefopt import plots
+
+        written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
+                   plots.gap_plot(points, out / "frontier_gap.png"), plots.sweep_plot(points, out / "beta_sweeps.png")]  # fmt: skip
+        if not history.empty and rk.REWARD in history:
+            written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,235 @@
+"""Tables derived from a grid's run folders: `runs.csv`/`runs.parquet`, `summary.csv` and `history.csv`.
+
+Each run folder (`results/<grid>/runs/<run>/`) holds the grid's `run.json` (what the grid assigned), the run's own
+`metrics.json` and resolved `config.yaml`, and `error.txt` if it failed. The tables are rebuilt from those files
+after every run, and every table is written atomically (a temporary file, then `os.replace`), so a grid killed at
+any moment leaves each table either complete or as it was.
+
+Columns of runs.csv: run, curve (`add_curves`), variant, status (ok, failed, unfinished), loss,
+`loss.<hyperparameter>` for every hyperparameter, seed, every other key the grid assigns (dotted), a few resolved
+settings (`RESOLVED`), git_commit, data_hash, run_time_s, load_start (the 1-minute load average when the run
+started: timings on a busy machine are noisy), wall_time_s, train_pairs_per_s, train_loss, step, error, the final
+validation metrics by name (`val/gold/gold_reward`) and those at the best monitored value as `best/<name>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from prefopt.grid import lookup
+
+# Settings of the resolved config copied into every row, whether or not the grid sweeps them.
+RESOLVED = ("model.model", "data.dataset", "trainer.max_steps", "data.batch_size",
+            "model.optimizer.init_args.lr", "data.gold.label_temperature", "data.max_train_pairs")  # fmt: skip
+RUN_FILE, METRICS_FILE, ERROR_FILE, CONFIG_FILE = "run.json", "metrics.json", "error.txt", "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+def write_atomic(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename the temporary file onto `path`: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_json(payload: Mapping[str, Any], path: Path) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary files a killed process left behind (`.<name>.<pid>.tmp`)."""
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- run status
+def run_status(run_dir: Path, spec: Mapping[str, Any] | None = None) -> str:
+    """ok (metrics.json says finished), failed (error.txt), unfinished (started, not ended), or pending.
+
+    With `spec` (the run.json the grid would write now), a run started with different arguments is `stale`.
+    """
+    recorded = _read_json(run_dir / RUN_FILE)
+    if recorded is None:
+        return "pending"
+    if spec is not None and recorded.get("args") != spec.get("args"):
+        return "stale"
+    if (run_dir / ERROR_FILE).is_file():
+        return "failed"
+    metrics = _read_json(run_dir / METRICS_FILE)
+    return "ok" if metrics and metrics.get("finished") else "unfinished"
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def _flatten(value: Any) -> Any:
+    """A cell value: lists and mappings (a composite loss's terms) as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, Mapping)) else value
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One row of runs.csv from a run folder's files."""
+    spec = _read_json(run_dir / RUN_FILE) or {}
+    row: dict[str, Any] = {"run": run_dir.name, "variant": spec.get("variant"), "status": run_status(run_dir)}
+    loss = spec.get("loss") or {}
+    row["loss"] = loss.get("name")
+    row.update({f"loss.{k}": _flatten(v) for k, v in loss.items() if k != "name"})
+    row["seed"] = spec.get("seed")
+    row.update({k: _flatten(v) for k, v in (spec.get("assigned") or {}).items()
+                if not k.startswith("model.loss") and k != "seed_everything"})  # fmt: skip
+    config_path = run_dir / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    for key in RESOLVED:
+        row.setdefault(key, _flatten(lookup(config or {}, key)))
+    metrics = _read_json(run_dir / METRICS_FILE) or {}
+    row.update(git_commit=spec.get("git_commit"), data_hash=metrics.get("data_hash"), run_time_s=spec.get("run_time_s"),
+               load_start=spec.get("load_start"))
+    for key in ("wall_time_s", "train_pairs_per_s", "train_loss", "step"):
+        row[key] = metrics.get(key)
+    error = run_dir / ERROR_FILE
+    row["error"] = error.read_text()[-2000:] if error.is_file() else None
+    row.update(metrics.get("final") or {})
+    row.update({f"best/{k}": v for k, v in (metrics.get("best") or {}).items()})
+    return row
+
+
+def history_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's validation metrics at every validation (metrics.json `history`), one row per step."""
+    metrics = _read_json(run_dir / METRICS_FILE) or {}
+    return [{"run": run_dir.name, **entry} for entry in metrics.get("history") or []]
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def t_quantile(n: int) -> float:
+    """The two-sided 95% Student-t quantile for a mean of n values (n - 1 degrees of freedom); NaN for n < 2."""
+    if n < 2:
+        return math.nan
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+BOOKKEEPING = ("git_commit", "data_hash", "run_time_s", "load_start", "wall_time_s", "train_pairs_per_s",
+               "train_loss", "step", "error")  # fmt: skip
+
+
+def _is_metric(column: str) -> bool:
+    return column.startswith(("val/", "best/", "train/")) or column in BOOKKEEPING
+
+
+def order_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """run, variant, status, loss, loss.*, seed, assigned keys, resolved settings, bookkeeping, metrics, best/*."""
+    cols = list(runs.columns)
+    head = [c for c in ("run", "variant", "status", "loss") if c in cols]
+    loss = sorted(c for c in cols if c.startswith("loss."))
+    seed = ["seed"] if "seed" in cols else []
+    resolved = [c for c in RESOLVED if c in cols]
+    assigned = [c for c in cols if c not in {*head, *loss, *seed, *resolved} and not _is_metric(c)]
+    books = [c for c in BOOKKEEPING if c in cols]
+    final = sorted(c for c in cols if c.startswith(("val/", "train/")))
+    best = sorted(c for c in cols if c.startswith("best/"))
+    return runs[head + loss + seed + assigned + resolved + books + final + best]
+
+
+def group_columns(runs: pd.DataFrame) -> list[str]:
+    """What identifies one (loss, hyperparameters) setting: variant, loss, its hyperparameters, every assigned key
+    but the seed, and the resolved settings that differ between runs."""
+    keys = [c for c in runs.columns if c not in ("run", "curve", "status", "seed") and not _is_metric(c)]
+    return [c for c in keys if c not in RESOLVED or runs[c].nunique(dropna=False) > 1]
+
+
+def curve_columns(runs: pd.DataFrame) -> list[str]:
+    """What identifies a curve: a setting's columns except the loss hyperparameters, which vary along the curve."""
+    return [c for c in group_columns(runs) if not c.startswith("loss.")]
+
+
+def add_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs with a `curve` label after `run`: the variant, plus any other curve column that differs between runs
+    (`dpo`, or `dpo lr=0.001`). A curve is one loss setting swept along its hyperparameters, across seeds."""
+    keys = [k for k in curve_columns(runs) if k not in ("variant", "loss") and runs[k].nunique(dropna=False) > 1]
+    labels = [" ".join([str(row["variant"]), *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys if pd.notna(row[k]))])
+              for _, row in runs.iterrows()]  # fmt: skip
+    out = runs.drop(columns=["curve"], errors="ignore")
+    out.insert(1, "curve", labels)
+    return out
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    numeric = runs.select_dtypes("number").columns
+    return [c for c in numeric if _is_metric(c)]
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation (ddof 1) and 95% t confidence half-width across seeds, per setting (ok runs only).
+
+    Columns: the group columns, n (seeds), seeds, then `<metric>.mean`, `<metric>.std`, `<metric>.ci95`.
+    """
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    keys, metrics = ["curve", *group_columns(runs)] if "curve" in runs else group_columns(runs), metric_columns(ok)
+    rows = []
+    for values, group in ok.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        row["n"] = len(group)
+        row["seeds"] = " ".join(str(s) for s in sorted(group["seed"].tolist()))
+        t = t_quantile(len(group))
+        for m in metrics:
+            x = group[m].dropna().astype(float)
+            std = float(x.std(ddof=1)) if len(x) > 1 else math.nan
+            row[f"{m}.mean"], row[f"{m}.std"] = float(x.mean()) if len(x) else math.nan, std
+            row[f"{m}.ci95"] = t_quantile(len(x)) * std / math.sqrt(len(x)) if len(x) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *(f"{m}.{s}" for m in metrics for s in ("mean", "std", "ci95"))])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def collect(run_dirs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, history) DataFrames of the run folders that exist."""
+    rows, history = [], []
+    for run_dir in run_dirs:
+        if (run_dir / RUN_FILE).is_file():
+            rows.append(run_row(run_dir))
+            history += history_rows(run_dir)
+    return (add_curves(order_columns(pd.DataFrame(rows))) if rows else pd.DataFrame()), pd.DataFrame(history)
+
+
+def write_tables(out: Path, run_dirs: Iterable[Path]) -> pd.DataFrame:
+    """Write runs.csv, runs.parquet, summary.csv and history.csv into `out`; returns the runs table."""
+    runs, history = collect(run_dirs)
+    if runs.empty:
+        return runs
+    write_csv(runs, out / "runs.csv")
+    write_atomic(out / "runs.parquet", lambda tmp: _parquet(runs).to_parquet(tmp, index=False))
+    write_csv(summarize(runs), out / "summary.csv")
+    write_csv(history, out / "history.csv")
+    return runs
+
+
+def _parquet(runs: pd.DataFrame) -> pd.DataFrame:
+    """Parquet needs one type per column: object columns that mix types become strings (None stays null)."""
+    out = runs.copy()
+    for c in out.columns[out.dtypes == object]:
+        kinds = {type(v) for v in out[c].dropna()}
+        if len(kinds) > 1:
+            out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out

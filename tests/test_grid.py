@@ -1,0 +1,277 @@
+"""The grid runner: expansion, names, dry run, parallel runs, failures, resume, atomic tables, every grid file.
+
+Most tests run grids of *stub* runs (a 20-line script in place of `python -m prefopt fit`, selected with
+PREFOPT_GRID_FIT_COMMAND) so they take seconds; one test runs real fits of the micro model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+
+from prefopt import grid as grid_mod
+from prefopt import tables
+from prefopt.grid import GridError, expand, load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".git", "runs", "results", "lightning_logs", ".cache", "node_modules"}
+
+STUB = r'''
+import json, os, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+run_dir = os.path.join(args["trainer.logger.init_args.save_dir"], args["trainer.logger.init_args.name"])
+os.makedirs(run_dir, exist_ok=True)
+loss, seed, start = json.loads(args["model.loss"]), int(args.get("seed_everything", 0)), time.time()
+time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+record = {"run": os.path.basename(run_dir), "start": start, "end": time.time(), "ckpt": args.get("ckpt_path"),
+          "threads": os.environ.get("OMP_NUM_THREADS"), "cache": os.environ.get("PREFOPT_CACHE")}
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps(record) + "\n")
+if str(loss.get("beta")) == os.environ.get("STUB_FAIL_BETA"):
+    sys.exit("boom: beta " + str(loss["beta"]) + " fails")
+kl = 1.0 / loss["beta"] + 0.1 * seed
+final = {"val/gold/sampled_kl": kl, "val/gold/gold_reward": kl / (1 + kl), "val/accuracy": 0.7}
+metrics = {"final": final, "best": final, "history": [dict(final, step=2.0)], "finished": True, "step": 2}
+tmp = os.path.join(run_dir, ".metrics.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(metrics, f)
+os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+'''
+
+
+@pytest.fixture()
+def stub(tmp_path, monkeypatch, micro_base) -> Path:
+    """Runs go to a stub; returns the log file where each stub invocation appends one JSON line."""
+    script = tmp_path / "stub_fit.py"
+    script.write_text(STUB)
+    log = tmp_path / "stub_log.jsonl"
+    monkeypatch.setenv("PREFOPT_GRID_FIT_COMMAND", f"{sys.executable} {script}")
+    monkeypatch.setenv("STUB_LOG", str(log))
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+    return log
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def write_grid(tmp_path: Path, spec: dict, name: str = "g.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_grid(path: Path, out: Path, *extra: str) -> int:
+    return grid_mod.main(["--config", str(path), "--out", str(out), "--no-check", *extra])
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+def test_expansion_is_axes_times_variants_with_generated_names(tmp_path, micro_base):
+    path = write_grid(tmp_path, {
+        "set": {"trainer.max_steps": 2},
+        "axes": {"seed": [0, 1]},
+        "variants": [
+            {"model.loss.name": "dpo", "model.loss.beta": [0.1, 0.5]},
+            {"name": "ipo_sum", "model.loss.name": "ipo", "model.loss.average_log_probs": False, "model.loss.beta": [1.0]},
+            {"model.loss.name": "kto", "model.loss.beta": 0.2},  # a scalar is fixed, not swept
+        ],
+    })  # fmt: skip
+    runs = expand(load_grid(path))
+    assert [r.name for r in runs] == [
+        "dpo_beta0.1_seed0", "dpo_beta0.5_seed0", "ipo_sum_beta1_seed0", "kto_seed0",
+        "dpo_beta0.1_seed1", "dpo_beta0.5_seed1", "ipo_sum_beta1_seed1", "kto_seed1",
+    ]  # seed-major, 2 seeds x (2 + 1 + 1)  # fmt: skip
+    ipo = runs[2]
+    assert ipo.variant == "ipo_sum" and ipo.seed == 0
+    # A new loss name starts from that loss's defaults: nothing of the base's dpo leaks in.
+    assert ipo.loss == {"name": "ipo", "beta": 1.0, "average_log_probs": False, "ld_alpha": 1.0, "wpo": False}
+    args = ipo.overrides(())
+    assert "--trainer.max_steps=2" in args and "--seed_everything=0" in args
+    assert json.loads(args[-1].split("=", 1)[1]) == ipo.loss
+    assert runs[3].loss["beta"] == 0.2 and runs[3].loss["name"] == "kto"
+
+
+def test_loss_keys_merge_into_the_base_loss(tmp_path, micro_base):
+    """The stacked base sets dpo with label smoothing 0.2; sweeping model.loss.beta keeps it."""
+    base = tmp_path / "cdpo.yaml"
+    base.write_text("model:\n  loss: {name: dpo, beta: 0.3, label_smoothing: 0.2}\n")
+    path = write_grid(tmp_path, {"base": [str(base)], "axes": {"model.loss.beta": [0.1, 1.0],
+                                 "model.optimizer.init_args.lr": [1e-3, 1e-4]}})  # fmt: skip
+    runs = expand(load_grid(path))
+    assert all(r.loss["label_smoothing"] == 0.2 for r in runs)
+    assert {r.loss["beta"] for r in runs} == {0.1, 1.0}
+    assert runs[0].name == "dpo_beta0.1_lr0.001_seed0"  # short names, values as written; base seed 0
+    assert f"--config={base}" in runs[0].overrides(load_grid(path).base)
+
+
+def test_short_names_and_values():
+    keys = ["model.loss.beta", "model.optimizer.init_args.lr", "data.max_train_pairs", "a.beta"]
+    assert grid_mod.short_name("model.optimizer.init_args.lr", keys) == "lr"
+    assert grid_mod.short_name("model.loss.beta", keys) == "loss.beta"  # "beta" would be ambiguous
+    assert grid_mod.format_value(1e-5) == "1e-05" and grid_mod.format_value(True) == "true"
+    assert grid_mod.format_value("torch.optim.AdamW") == "AdamW"
+    assert len(grid_mod.format_value({"a": [1, 2]})) == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"axis": {"seed": [0]}}, "unknown keys"),
+        ({"axes": {"seed": []}}, "non-empty list"),
+        ({"axes": {"model.loss.beta": [0.1]}, "variants": [{"model.loss.bta": 1.0}]}, "no hyperparameter bta"),
+        ({"variants": [{"model.loss.name": "dpoo"}]}, "valid names"),
+        ({"axes": {"model.loss.beta": [-1.0]}}, "outside the valid range"),
+        ({"axes": {"seed": [0]}, "variants": [{"seed": 1}]}, "already set"),
+        ({"variants": [{"model.loss.beta": 0.1}, {"model.loss.beta": 0.2}]}, "both named"),
+    ],
+)
+def test_bad_grid_files_fail_before_anything_runs(tmp_path, micro_base, spec, message):
+    with pytest.raises(GridError, match=message):
+        expand(load_grid(write_grid(tmp_path, spec)))
+
+
+def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
+    path = write_grid(tmp_path, {"axes": {"seed": [0, 1], "model.loss.beta": [0.1, 1.0]}})
+    assert grid_mod.main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo_beta0.1_seed0" in out and "dpo_beta1_seed1" in out and "4 runs, 4 to run" in out
+    assert not (tmp_path / "out").exists()
+    bad = write_grid(tmp_path, {"set": {"trainer.max_stepz": 3}}, "bad.yaml")
+    with pytest.raises(SystemExit):
+        grid_mod.main(["--config", str(bad), "--dry-run"])
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def grid_files() -> list[Path]:
+    found = [p for p in ROOT.rglob("*.y*ml") if not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+    return sorted(p for p in found if "grids" in p.relative_to(ROOT).parts)
+
+
+def test_the_search_finds_the_shipped_grids():
+    assert ROOT / "experiments" / "grids" / "default.yaml" in grid_files()
+
+
+@pytest.mark.parametrize("path", grid_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_grid_file_expands_and_parses(path, monkeypatch):
+    monkeypatch.delenv("PREFOPT_BASE_CONFIG", raising=False)
+    grid = load_grid(path)
+    runs = expand(grid)
+    assert runs and len({r.name for r in runs}) == len(runs)
+    grid_mod.check_configs(grid, runs)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def test_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("STUB_SLEEP", "1.0")
+    monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
+    path = write_grid(tmp_path, {"axes": {"seed": [0, 1], "model.loss.beta": [0.5, 13.0, 2.0]}})
+    out = tmp_path / "out"
+    assert run_grid(path, out, "--workers", "2") == 1  # one setting fails: exit code 1
+    records = calls(stub)
+    assert len(records) == 6
+    overlaps = sum(a["start"] < b["end"] and b["start"] < a["end"] for i, a in enumerate(records) for b in records[i + 1 :])
+    assert overlaps >= 2, "two workers should run two stubs at a time"
+    cores = len(os.sched_getaffinity(0))
+    assert {r["threads"] for r in records} == {str(max(1, cores // 2))}
+    assert {r["cache"] for r in records} == {str((tmp_path / "cache").resolve())}, "one shared cache"
+    runs = pd.read_csv(out / "runs.csv").set_index("run")
+    assert runs["status"].value_counts().to_dict() == {"ok": 4, "failed": 2}
+    assert "boom: beta 13.0 fails" in runs.loc["dpo_beta13_seed0", "error"]
+    assert "boom" in (out / "runs" / "dpo_beta13_seed1" / "error.txt").read_text()
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["loss.beta"]) == [0.5, 2.0] and set(summary["n"]) == {2}
+
+
+def test_resume_skips_complete_runs_and_reruns_failed_and_unfinished_ones(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
+    path = write_grid(tmp_path, {"axes": {"model.loss.beta": [0.5, 1.0, 2.0, 13.0]}})
+    out = tmp_path / "out"
+    assert run_grid(path, out) == 1
+    assert len(calls(stub)) == 4
+    # Simulate a kill: beta 1 died after a checkpoint, beta 2 before any; beta 13 failed; beta 0.5 is complete.
+    for name in ("dpo_beta1_seed0", "dpo_beta2_seed0"):
+        metrics = out / "runs" / name / "metrics.json"
+        metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()), finished=False)))
+    (out / "runs" / "dpo_beta1_seed0" / "checkpoints").mkdir()
+    (out / "runs" / "dpo_beta1_seed0" / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    monkeypatch.delenv("STUB_FAIL_BETA")
+    assert run_grid(path, out) == 0
+    again = {r["run"]: r for r in calls(stub)[4:]}
+    assert set(again) == {"dpo_beta1_seed0", "dpo_beta2_seed0", "dpo_beta13_seed0"}
+    assert again["dpo_beta1_seed0"]["ckpt"].endswith("dpo_beta1_seed0/checkpoints/last.ckpt")
+    assert again["dpo_beta2_seed0"]["ckpt"] is None and again["dpo_beta13_seed0"]["ckpt"] is None
+    assert not (out / "runs" / "dpo_beta13_seed0" / "error.txt").exists()
+    assert set(pd.read_csv(out / "runs.csv")["status"]) == {"ok"}
+    # Complete: a third call runs nothing; a changed setting reruns (its arguments changed).
+    assert run_grid(path, out) == 0 and len(calls(stub)) == 7
+    changed = write_grid(tmp_path, {"set": {"trainer.max_steps": 3}, "axes": {"model.loss.beta": [0.5, 1.0, 2.0, 13.0]}})
+    assert run_grid(changed, out) == 0 and len(calls(stub)) == 11
+
+
+def test_table_writes_are_atomic(tmp_path, monkeypatch):
+    """A crash between writing the temporary file and renaming it leaves the previous table whole."""
+    path = tmp_path / "runs.csv"
+    tables.write_csv(pd.DataFrame({"a": [1, 2]}), path)
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed between runs")
+
+    monkeypatch.setattr(tables.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tables.write_csv(pd.DataFrame({"a": range(10_000)}), path)
+    assert pd.read_csv(path)["a"].tolist() == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"], "no temporary file left behind"
+
+
+def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("STUB_SLEEP", "0.7")
+    path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
+               "--no-check"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "runs.csv").exists() and (pd.read_csv(out / "runs.csv")["status"] == "ok").sum() >= 2:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(1.0)  # the stubs die with the grid (PR_SET_PDEATHSIG); give them a moment
+    finished_before = {r for r, s in pd.read_csv(out / "runs.csv")[["run", "status"]].values if s == "ok"}
+    assert 2 <= len(finished_before) < 6
+    for table in out.glob("*.csv"):  # every table whole: it parses
+        pd.read_csv(table)
+    assert run_grid(path, out) == 0
+    starts: dict[str, int] = {}
+    for record in calls(stub):
+        starts[record["run"]] = starts.get(record["run"], 0) + 1
+    assert all(starts[r] == 1 for r in finished_before), "a finished run was run again"
+    assert len(starts) == 6 and set(pd.read_csv(out / "runs.csv")["status"]) == {"ok"}
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_real_micro_grid_runs_two_fits_in_parallel(tmp_path, micro_base, monkeypatch):
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+    path = write_grid(tmp_path, {"set": {"trainer.max_steps": 2, "trainer.val_check_interval": 2},
+                                 "axes": {"model.loss.beta": [0.1, 1.0]}})  # fmt: skip
+    out = tmp_path / "out"
+    assert grid_mod.main(["--config", str(path), "--out", str(out), "--workers", "2"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(runs["status"]) == ["ok", "ok"] and list(runs["step"]) == [2, 2]
+    assert runs["data_hash"].nunique() == 1 and runs["val/accuracy"].notna().all()
+    for name in runs["run"]:
+        folder = out / "runs" / name
+        assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((folder / "metrics.json").read_text())["history"][0]["step"] == 2
+    assert list((tmp_path / "cache" / "reference_logps").glob("*.pt")), "the reference log-probs were cached"

@@ -1,0 +1,67 @@
+"""Every notebook in analysis/ runs, offline, against the results of a micro grid on the built-in task.
+
+The micro grid runs real fits (4 steps, 64 pairs per seed, 64 evaluation samples) of two losses at two betas and
+two seeds, then the report; the notebooks get the results folder through PREFOPT_RESULTS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+from prefopt import grid, report
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "analysis").rglob("*.ipynb"))
+CALLBACKS = [
+    {"class_path": "prefopt.gold_eval.GoldTaskEvaluation", "init_args": {"num_samples": 64}},
+    {"class_path": "prefopt.callbacks.MetricsJson"},
+]
+MICRO_GOLD_GRID = {
+    "name": "micro_gold",
+    "set": {"trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.callbacks": CALLBACKS,
+            "data.gold.pairs_per_prompt": 8, "data.gold.val_pairs_per_prompt": 4},
+    "axes": {"seed": [0, 1]},
+    "variants": [{"model.loss.name": "dpo", "model.loss.beta": [0.05, 1.0]},
+                 {"model.loss.name": "ipo", "model.loss.beta": [0.1, 2.0]}],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def micro_results(gold_reference_dir, tmp_path_factory) -> Path:
+    """A micro grid's results folder on the built-in task (reference built once per test session)."""
+    folder = tmp_path_factory.mktemp("micro_gold")
+    grid_file = folder / "micro_gold.yaml"
+    grid_file.write_text(yaml.safe_dump(MICRO_GOLD_GRID, sort_keys=False))
+    out = folder / "results"
+    assert grid.main(["--config", str(grid_file), "--out", str(out), "--workers", "2", "--no-check"]) == 0
+    assert report.main([str(out), "--no-plots"]) == 0
+    return out
+
+
+def test_the_micro_grid_has_gold_metrics_and_a_ranking(micro_results):
+    runs = pd.read_csv(micro_results / "runs.csv")
+    assert len(runs) == 8 and set(runs["status"]) == {"ok"}
+    assert runs["val/gold/sampled_kl"].notna().all() and runs["data_hash"].nunique() == 2  # one pair set per seed
+    assert set(pd.read_csv(micro_results / "ranking.csv")["curve"]) == {"dpo", "ipo"}
+
+
+def test_the_search_finds_the_notebooks():
+    assert ROOT / "analysis" / "compare_losses.ipynb" in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_notebook_runs(path, micro_results, monkeypatch):
+    monkeypatch.setenv("PREFOPT_RESULTS", str(micro_results))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    source = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    assert "import prefopt" not in source and "from prefopt" not in source, "notebooks read tables only"

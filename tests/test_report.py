@@ -1,0 +1,186 @@
+"""Tables, statistics, ranking and the report, on hand-made results whose numbers are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prefopt import ranking as rk
+from prefopt import report
+from prefopt.tables import summarize, write_tables
+
+T_975_2DF = 4.302652729911275  # two-sided 95% Student-t quantile, 2 degrees of freedom (3 seeds)
+
+
+def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, status: str = "ok") -> Path:
+    """A run folder as a grid leaves it: run.json, config.yaml, metrics.json (finished), or error.txt."""
+    params = "_".join(f"{k}{v:g}" for k, v in loss.items() if k != "name")
+    run_dir = runs_dir / f"{variant}_{params}_seed{seed}"
+    run_dir.mkdir(parents=True)
+    assigned = {"seed_everything": seed, **{f"model.loss.{k}": v for k, v in loss.items()}}
+    spec = {"name": run_dir.name, "variant": variant, "assigned": assigned, "loss": loss, "seed": seed,
+            "args": [], "git_commit": "abc123", "run_time_s": 10.0}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(spec))
+    (run_dir / "config.yaml").write_text("data:\n  gold:\n    label_temperature: 1.0\ntrainer:\n  max_steps: 300\n")
+    if status == "failed":
+        (run_dir / "error.txt").write_text("exit code 1\nboom")
+        return run_dir
+    history = [{**{k: v * 0.5 for k, v in final.items()}, "step": 100.0}, {**final, "step": 200.0}]
+    metrics = {"final": final, "best": final, "history": history, "finished": True, "data_hash": f"d{seed}",
+               "wall_time_s": 9.0, "train_pairs_per_s": 100.0, "train_loss": 0.5, "step": 200}  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def gold_final(kl: float, reward: float, accuracy: float = 0.7, frontier=None) -> dict:
+    frontier_reward = (frontier or rk._default_frontier())(kl)
+    return {rk.KL: kl, rk.REWARD: reward, rk.GAP: frontier_reward - reward, rk.ACCURACY: accuracy, rk.MARGIN: 2 * kl}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def test_summary_mean_std_and_ci_by_hand(tmp_path):
+    """Rewards 1, 2, 3 over three seeds: mean 2, s.d. 1, 95% CI half-width t(0.975, 2) / sqrt(3) = 2.4841."""
+    runs_dir = tmp_path / "runs"
+    dirs = [fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, s, {rk.REWARD: r, rk.KL: 1.0})
+            for s, r in enumerate([1.0, 2.0, 3.0])]  # fmt: skip
+    dirs.append(fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, 3, {}, status="failed"))
+    dirs += [fake_run(runs_dir, "ipo", {"name": "ipo", "beta": 0.5, "average_log_probs": True}, s, {rk.REWARD: 5.0})
+             for s in (0, 1)]  # fmt: skip
+    runs = write_tables(tmp_path, dirs)
+    assert (runs["status"] == "failed").sum() == 1 and "boom" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    dpo = summary[summary["variant"] == "dpo"].iloc[0]
+    assert dpo["n"] == 3 and dpo["seeds"] == "0 1 2"  # the failed seed 3 is left out
+    assert dpo[f"{rk.REWARD}.mean"] == pytest.approx(2.0)
+    assert dpo[f"{rk.REWARD}.std"] == pytest.approx(1.0)
+    assert dpo[f"{rk.REWARD}.ci95"] == pytest.approx(T_975_2DF / math.sqrt(3))
+    ipo = summary[summary["variant"] == "ipo"].iloc[0]  # grouped although dpo has no average_log_probs (NaN)
+    assert ipo["n"] == 2 and ipo[f"{rk.REWARD}.std"] == 0.0 and ipo["loss.average_log_probs"]
+    assert len(summary) == 2
+    # runs.csv: every swept key, every loss hyperparameter, seed, commit, data hash, metrics.
+    table = pd.read_csv(tmp_path / "runs.csv")
+    for column in ("run", "curve", "variant", "status", "loss", "loss.beta", "loss.average_log_probs", "seed",
+                   "git_commit", "data_hash", "data.gold.label_temperature", rk.REWARD, f"best/{rk.REWARD}"):  # fmt: skip
+        assert column in table, column
+    assert pd.read_parquet(tmp_path / "runs.parquet").shape == table.shape
+    assert set(pd.read_csv(tmp_path / "history.csv")["step"]) == {100.0, 200.0}
+
+
+def test_a_single_seed_has_no_interval():
+    runs = pd.DataFrame({"run": ["a"], "variant": ["dpo"], "status": ["ok"], "loss": ["dpo"], "loss.beta": [0.1],
+                         "seed": [0], rk.REWARD: [1.5]})  # fmt: skip
+    row = summarize(runs).iloc[0]
+    assert row["n"] == 1 and row[f"{rk.REWARD}.mean"] == 1.5 and math.isnan(row[f"{rk.REWARD}.ci95"])
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+def test_interpolate_is_linear_along_kl_and_never_extrapolates():
+    out = rk.interpolate([2.0, 0.5, 1.0], [3.0, 1.0, 2.0], [0.75, 1.5, 0.4, 2.5, 2.0])
+    assert out[:2] == pytest.approx([1.5, 2.5])
+    assert np.isnan(out[2]) and np.isnan(out[3]) and out[4] == 3.0
+
+
+def _line_frontier(kl: float) -> float:
+    return 1.0 + kl  # a stand-in frontier, so every gap is worked out by hand
+
+
+def hand_runs() -> pd.DataFrame:
+    """Two losses, three seeds, two or three settings each.
+
+    a: points (0.5, 1.0 + s) and (2.0, 2.5 + s) for seed s in 0, 0.1, 0.2 (added to the reward), so along KL
+       reward = 0.5 + k + s; at KL 1: 1.5 + s, gap 0.5 - s.
+    b: points (0.4, 1.0), (1.2, 1.4), (3.0, 2.3) for every seed, plus 0.05 * seed index: between 0.4 and 1.2 the
+       slope is 0.5, so at KL 1: 1.3 + 0.05 i, gap 0.7 - 0.05 i.
+    """
+    rows = []
+    for i, s in enumerate((0.0, 0.1, 0.2)):
+        for beta, kl, r in ((1.0, 0.5, 1.0), (0.1, 2.0, 2.5)):
+            rows.append(("a", "dpo", beta, i, kl, r + s, 0.70))
+        for beta, kl, r in ((2.0, 0.4, 1.0), (1.0, 1.2, 1.4), (0.5, 3.0, 2.3)):
+            rows.append(("b", "ipo", beta, i, kl, r + 0.05 * i, 0.75))
+    runs = pd.DataFrame(rows, columns=["variant", "loss", "loss.beta", "seed", rk.KL, rk.REWARD, rk.ACCURACY])
+    runs.insert(0, "run", [f"{v}_{b}_{s}" for v, b, s in zip(runs["variant"], runs["loss.beta"], runs["seed"])])
+    runs.insert(2, "status", "ok")
+    runs[rk.GAP] = [_line_frontier(k) - r for k, r in zip(runs[rk.KL], runs[rk.REWARD])]
+    return runs
+
+
+def test_matched_kl_interpolates_each_seed_and_ranks_by_reward():
+    matched = rk.matched_kl(hand_runs(), [1.0, 2.5], frontier=_line_frontier)
+    at1 = matched[matched["kl"] == 1.0].set_index("curve")
+    assert at1.loc["a", "reward.mean"] == pytest.approx(1.6)  # 1.5 + mean(0, 0.1, 0.2)
+    assert at1.loc["a", "reward.std"] == pytest.approx(0.1)
+    assert at1.loc["a", "reward.ci95"] == pytest.approx(T_975_2DF * 0.1 / math.sqrt(3))
+    assert at1.loc["b", "reward.mean"] == pytest.approx(1.35)  # 1.3 + mean(0, 0.05, 0.1)
+    assert at1.loc["a", "gap.mean"] == pytest.approx(0.4) and at1.loc["b", "gap.mean"] == pytest.approx(0.65)
+    assert at1.loc["a", "rank"] == 1 and at1.loc["b", "rank"] == 2
+    at25 = matched[matched["kl"] == 2.5].set_index("curve")  # beyond a's largest KL (2.0): no value, no rank
+    assert at25.loc["a", "n"] == 0 and math.isnan(at25.loc["a", "reward.mean"])
+    assert at25.loc["b", "n"] == 3 and at25.loc["b", "rank"] == 1
+
+
+def test_ranking_uses_the_common_kl_range_and_paired_differences():
+    ranked = rk.ranking(hand_runs(), frontier=_line_frontier).set_index("curve")
+    # Common range: largest minimum (a: 0.5) to smallest maximum (a: 2.0).
+    assert ranked.loc["a", "matched_kl_lo"] == 0.5 and ranked.loc["a", "matched_kl_hi"] == 2.0
+    # a: reward 0.5 + k + s everywhere in range, so its gap is 0.5 - s at every KL: mean over seeds 0.4.
+    assert ranked.loc["a", "matched_gap.mean"] == pytest.approx(0.4)
+    assert ranked.loc["a", "rank"] == 1 and ranked.loc["b", "rank"] == 2
+    assert ranked.loc["a", "gap_vs_best.mean"] == 0.0
+    assert ranked.loc["b", "gap_vs_best.mean"] > 0 and ranked.loc["b", "gap_vs_best.ci95"] > 0
+    # Best gap over settings: b at beta 2 (KL 0.4): gap 1.4 - (1.0 + 0.05 i) = 0.4 - 0.05 i, mean 0.35.
+    assert ranked.loc["b", "best_gap.mean"] == pytest.approx(0.35) and ranked.loc["b", "best_gap.setting"] == "beta=2"
+    assert ranked.loc["a", "best_gap.mean"] == pytest.approx(0.4)  # both of a's settings: 0.5 - s
+    assert ranked.loc["b", "accuracy.min"] == pytest.approx(0.75)  # reported, not ranked on
+
+
+# ---------------------------------------------------------------------------------------------- report
+def gold_results(folder: Path) -> Path:
+    """A results folder with dpo and ipo curves near the real frontier, three seeds each, one failed run."""
+    from prefopt.gold_task import frontier_point
+
+    dirs = []
+    for seed in range(3):
+        for beta in (0.5, 1.0, 2.0):
+            kl, reward = frontier_point(beta * 1.3)
+            final = gold_final(kl, reward - 0.1 - 0.02 * seed, accuracy=0.72)
+            dirs.append(fake_run(folder / "runs", "dpo", {"name": "dpo", "beta": beta, "label_smoothing": 0.0}, seed, final))
+        for tau in (0.5, 2.0):
+            kl, reward = frontier_point(1.0 / tau)
+            final = gold_final(kl, reward - 0.2 + 0.01 * seed, accuracy=0.74)
+            dirs.append(fake_run(folder / "runs", "ipo", {"name": "ipo", "beta": tau}, seed, final))
+    dirs.append(fake_run(folder / "runs", "ipo", {"name": "ipo", "beta": 1.0}, 0, {}, status="failed"))
+    write_tables(folder, dirs)
+    return folder
+
+
+def test_report_writes_tables_and_pngs(tmp_path, capsys):
+    from prefopt.gold_task import frontier_point
+
+    folder = gold_results(tmp_path)
+    assert report.main([str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "Ranking by the mean gap" in printed and "dpo" in printed and "ipo" in printed
+    for png in ("frontier.png", "frontier_gap.png", "beta_sweeps.png", "curves.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    frontier = pd.read_csv(folder / "frontier.csv")
+    assert frontier["kl"].is_monotonic_increasing and frontier["reward"].is_monotonic_increasing
+    targets = pd.read_csv(folder / "targets.csv").set_index("beta")
+    assert sorted(targets.index) == [0.5, 1.0, 2.0]  # DPO only: its target is the frontier point at b = T beta
+    assert (targets.loc[1.0, "target_kl"], targets.loc[1.0, "target_reward"]) == pytest.approx(frontier_point(1.0))
+    ranked = pd.read_csv(folder / "ranking.csv")
+    assert list(ranked["curve"]) == ["dpo", "ipo"]  # dpo sits 0.1-0.14 below the frontier, ipo 0.19-0.2
+    assert set(pd.read_csv(folder / "matched_kl.csv")["curve"]) == {"dpo", "ipo"}
+
+
+def test_report_on_runs_without_gold_metrics_prints_the_summary(tmp_path, capsys):
+    dirs = [fake_run(tmp_path / "runs", "dpo", {"name": "dpo", "beta": 0.1}, s, {"val/accuracy": 0.6 + s / 10})
+            for s in range(2)]  # fmt: skip
+    write_tables(tmp_path, dirs)
+    assert report.main([str(tmp_path)]) == 0
+    assert "no gold-task metrics" in capsys.readouterr().out

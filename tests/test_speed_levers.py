@@ -1,0 +1,213 @@
+"""The speed levers change no number beyond float rounding: prompt sharing, label-only (chunked) log-probs,
+length-grouped batching, and the every-N-steps finite check. No timings here: speed is measured by
+benchmarks/bench_dpo.py, never by tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+
+from prefopt.batching import LengthGroupedSampler, padding_fraction
+from prefopt.cli import main
+from prefopt.data import EpochSeededSampler, PreferenceDataModule
+from prefopt.logps import completion_token_logps, forward_logits, label_logps_from_hidden, pair_logps, token_logps
+from prefopt.losses import LossConfig
+from prefopt.models import load_causal_lm
+from prefopt.module import PreferenceModule
+from prefopt.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps
+
+RECORD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_chosen_shared_logps",
+                 "policy_rejected_shared_logps", "chosen_lengths", "rejected_lengths")  # fmt: skip
+
+
+def _dm(micro_model, micro_pairs, **kwargs) -> PreferenceDataModule:
+    dm = PreferenceDataModule(dataset=str(micro_pairs), tokenizer=str(micro_model), val_fraction=0.25, batch_size=4,
+                              **kwargs)  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+def test_shared_layout_by_hand():
+    """Pair 0: prompt [1, 5], chosen [6, 2], rejected [7, 8, 2]; pair 1: prompt [1], chosen [9, 2], rejected [2]."""
+    b = collate_shared_pairs([[1, 5], [1]], [[6, 2], [9, 2]], [[7, 8, 2], [2]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 5, 6, 2, 7, 8, 2], [1, 9, 2, 2, 0, 0, 0]]
+    assert b["position_ids"].tolist()[0] == [0, 1, 2, 3, 2, 3, 4]  # the rejected part restarts after the prompt
+    assert b["position_ids"].tolist()[1][:4] == [0, 1, 2, 1]
+    # Label slots, chosen rows then rejected rows, left-aligned; column 0 of completion_mask is always 0.
+    assert b["completion_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0]]
+    # Predicting positions (flattened B x T, T = 7): w_j <- P-1+j; l_0 <- P-1; l_j <- P+C+j-1.
+    assert b["pred_index"].tolist() == [1, 2, 7, 8, 1, 4, 5, 7]
+    assert b["labels"].tolist() == [6, 2, 9, 2, 7, 8, 2, 2]
+    m = shared_attention_mask(b)[:, 0].int().tolist()
+    assert m[0] == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],  # chosen: causal
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # rejected: the prompt and itself, never the chosen tokens
+        [1, 1, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 1, 1, 1],
+    ]
+    assert m[1][3] == [1, 0, 0, 1, 0, 0, 0] and m[1][5] == [0, 0, 0, 0, 0, 1, 0]  # padding sees only itself
+
+
+def test_packed_pairs_share_a_row_but_never_attend_across_pairs():
+    """The two pairs above packed into one row of 11: pair 0 at offset 0, pair 1 at offset 7."""
+    b = collate_shared_pairs([[1, 5], [1]], [[6, 2], [9, 2]], [[7, 8, 2], [2]], pad_id=0, pack_length=16)
+    assert b["input_ids"].tolist() == [[1, 5, 6, 2, 7, 8, 2, 1, 9, 2, 2]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 1]]
+    assert b["pred_index"].tolist() == [1, 2, 7, 8, 1, 4, 5, 7]
+    m = shared_attention_mask(b)[0, 0].int()
+    assert m[:7, 7:].sum() == 0 and m[7:, :7].sum() == 0, "no attention across pairs"
+    assert m[10].tolist() == [0] * 7 + [1, 0, 0, 1]  # pair 1's rejected token: its prompt and itself
+
+
+@pytest.mark.parametrize(("attn", "pack"), [("sdpa", 0), ("eager", 0), ("sdpa", 24)])
+def test_prompt_sharing_gives_the_same_record_and_gradients(micro_model, micro_pairs, attn, pack):
+    dm = _dm(micro_model, micro_pairs, pack_length=pack)
+    model = load_causal_lm(str(micro_model), attn_implementation=attn)
+    examples = dm.train_examples[:5]
+    standard, shared = dm.collate_pairs(examples), dm.collate_shared_pairs(examples)
+    assert standard["input_ids"].shape[0] == 10
+    assert shared["input_ids"].shape[0] == 5 if pack == 0 else shared["input_ids"].shape[0] < 5
+
+    def record_and_grads(batch, tokens):
+        lp = pair_logps(tokens, batch["completion_mask"])
+        loss = (lp.policy_chosen_logps - 0.7 * lp.policy_rejected_logps + 0.3 * lp.policy_chosen_shared_logps).sum()
+        return lp, torch.autograd.grad(loss, list(model.parameters()))
+
+    a, grads_a = record_and_grads(standard, token_logps(forward_logits(model, standard), standard["input_ids"],
+                                                        standard["completion_mask"]))  # fmt: skip
+    b, grads_b = record_and_grads(shared, shared_token_logps(model, shared))
+    for field in RECORD_FIELDS:
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5, msg=field)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_label_logps_match_full_logits_in_value_and_gradient(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,))
+    full = torch.log_softmax(hidden @ weight.T + bias, -1).gather(1, labels[:, None]).squeeze(1)
+    got = label_logps_from_hidden(hidden, weight, labels, bias, chunk_size=chunk)
+    torch.testing.assert_close(got.double(), full, rtol=1e-6, atol=1e-6)  # computed in fp32 like every log-prob
+    g = torch.randn(7, dtype=torch.float64)
+    expected = torch.autograd.grad((full * g).sum(), (hidden, weight, bias))
+    for e, x in zip(expected, torch.autograd.grad((got * g).sum(), (hidden, weight, bias))):
+        torch.testing.assert_close(x, e, rtol=1e-5, atol=1e-5)
+
+
+def test_label_only_logps_match_full_logits(micro_model, micro_pairs):
+    dm = _dm(micro_model, micro_pairs)
+    model = load_causal_lm(str(micro_model))
+    batch = dm.collate_pairs(dm.train_examples[:4])
+    full = token_logps(forward_logits(model, batch), batch["input_ids"], batch["completion_mask"])
+    for chunk in (None, 5):
+        torch.testing.assert_close(completion_token_logps(model, batch, chunk), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_training_step_loss_is_the_same_with_every_lever(micro_model, micro_pairs, lora, chunk):
+    """Live reference, DPO with LD-DPO's shared-prefix weighting; with LoRA the reference is the adapter-free view."""
+    if lora:
+        pytest.importorskip("peft")
+    loss = LossConfig("dpo", beta=0.5, ld_alpha=0.5)
+    options = {}
+    if lora:
+        from prefopt.lora import LoraOptions
+
+        options = {"lora": LoraOptions(r=4)}
+    torch.manual_seed(0)
+    plain = PreferenceModule(model=str(micro_model), loss=loss, **options)
+    plain.configure_model()
+    torch.manual_seed(0)
+    fast = PreferenceModule(model=str(micro_model), loss=loss, logps_chunk_size=chunk, **options)
+    fast.configure_model()
+    fast.policy.load_state_dict(plain.policy.state_dict())
+    if lora:  # move the policy away from its reference, so that the reference view matters
+        with torch.no_grad():
+            for m in (plain, fast):
+                for name, p in m.policy.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+    dm = _dm(micro_model, micro_pairs)
+    examples = dm.train_examples[:4]
+    expected = plain.training_step(dm.collate_pairs(examples), 0)
+    got = fast.training_step(dm.collate_shared_pairs(examples), 0)
+    assert abs(got.item() - expected.item()) < 1e-6
+
+
+def _lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(20, 180) for _ in range(n)]
+
+
+def test_length_grouped_sampler_visits_every_example_once_and_cuts_padding():
+    lengths = _lengths(203)
+    sampler = LengthGroupedSampler(lengths, batch_size=8, group=16, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(203))
+    assert order == list(sampler), "the order depends only on (seed, epoch)"
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    plain = list(EpochSeededSampler(203, seed=3))
+    assert padding_fraction(lengths, order, 8) < 0.5 * padding_fraction(lengths, plain, 8)
+    # group 1 keeps the plain shuffle's batches (in another order).
+    ones = list(LengthGroupedSampler(lengths, batch_size=8, group=1, seed=3))
+    batches = lambda o: sorted(sorted(o[s : s + 8]) for s in range(0, 203, 8))  # noqa: E731
+    assert batches(ones) == batches(plain)
+
+
+def test_length_grouped_sampler_splits_over_ranks_and_resumes():
+    lengths = _lengths(64)
+    ranks = [LengthGroupedSampler(lengths, batch_size=4, group=4, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    parts = [list(s) for s in ranks]
+    assert set(parts[0]).isdisjoint(parts[1]) and len(parts[0] + parts[1]) == 64
+    # Step k's global batch (both ranks' k-th batch) is one length-sorted group of 8.
+    single = LengthGroupedSampler(lengths, batch_size=8, group=4, seed=0).global_order()
+    assert sorted(parts[0][:4] + parts[1][:4]) == sorted(single[:8])
+    resumed = LengthGroupedSampler(lengths, batch_size=4, group=4, seed=0, rank=0, world_size=2)
+    resumed.skip = 8
+    assert list(resumed) == parts[0][8:]
+
+
+def test_data_module_flags_build_shared_and_length_grouped_batches(micro_model, micro_pairs):
+    dm = _dm(micro_model, micro_pairs, share_prompt=True, group_by_length=2)
+    batches = list(dm.train_dataloader())
+    assert all("pred_index" in b and b["input_ids"].shape[0] <= 4 for b in batches)
+    assert sum(b["input_ids"].shape[0] for b in batches) == len(dm.train_examples)
+    assert "pred_index" not in next(iter(dm.val_dataloader())), "validation keeps the two-row layout"
+
+
+def test_a_run_with_every_lever_matches_a_run_without(micro_base):
+    """Same batches (no length grouping), so the same run: prompt sharing and chunked log-probs change no number."""
+    runs = []
+    for args in ([], ["--data.share_prompt=true", "--model.logps_chunk_size=3", "--model.check_finite_every_n_steps=2"]):
+        cli = main(["fit", "--data.share_prompt=false", "--model.reference_cache=false", *args])
+        runs.append(json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text()))
+    for key, value in runs[0]["final"].items():
+        assert runs[1]["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch):
+    calls = {"n": 0}
+    real_call = LossConfig.__call__
+
+    def poisoned(self, lp):
+        calls["n"] += 1
+        out = real_call(self, lp)
+        return out * float("nan") if calls["n"] == 2 else out  # only step 1 is NaN
+
+    monkeypatch.setattr(LossConfig, "__call__", poisoned)
+    with pytest.raises(FloatingPointError, match="within training steps 0-2"):
+        main(["fit", "--model.check_finite_every_n_steps=3"])

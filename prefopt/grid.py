@@ -263,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="parallel runs (default: the grid's `workers`, else the cores)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     parser.add_argument("--no-check", action="store_true", help="skip parsing one run per variant before starting")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine; ray: one Ray task per run (pip install -e .[ray])")
+    parser.add_argument("--ray-address", help="the Ray cluster to join (e.g. auto, ray://head:10001); default: a local instance")
+    parser.add_argument("--cpus-per-run", type=float, default=1, help="Ray backend: CPUs each run asks for")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="Ray backend: GPUs each run asks for")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
     args = parser.parse_args(argv)
@@ -282,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     from prefopt.grid_runner import GridRunner
 
     out = Path(args.out or Path("results") / grid.name)
-    workers = args.workers or grid.workers or default_workers()
-    runner = GridRunner(grid, runs, out, workers=workers)
+    launcher = None
+    if args.backend == "ray" and not args.dry_run:
+        from prefopt.grid_ray import RayLauncher
+
+        launcher = RayLauncher(args.ray_address, num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run)
+    workers = args.workers or grid.workers or (launcher.capacity() if launcher else default_workers())
+    runner = GridRunner(grid, runs, out, workers=workers, launcher=launcher)
     if args.dry_run:
         runner.print_plan()
         return 0

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prefopt.grid import ROOT, Grid, Run
 from prefopt.tables import (CONFIG_FILE, ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
@@ -79,11 +79,13 @@ class Active:
 
 
 class GridRunner:
-    def __init__(self, grid: Grid, runs: list[Run], out: Path, workers: int) -> None:
+    def __init__(self, grid: Grid, runs: list[Run], out: Path, workers: int, launcher: Any = None) -> None:
+        """`launcher`: None starts each run as a local process; a `prefopt.grid_ray.RayLauncher` makes it a Ray task."""
         self.grid, self.runs, self.out = grid, runs, Path(out)
         self.workers = max(1, workers)
+        self.launcher = launcher
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = max(1, cores // self.workers)
+        self.threads = max(1, cores // self.workers) if launcher is None else max(1, int(launcher.num_cpus))
         self.commit = git_commit()
         self.tty = sys.stderr.isatty()
 
@@ -101,9 +103,10 @@ class GridRunner:
         return run_status(self.run_dir(run), self.spec(run))
 
     def command(self, run: Run, resume: Path | None) -> list[str]:
+        # The run's folder is <out>/runs/<name>/: the logger's save_dir and name, and an empty version (no version_<n>).
         logger = "--trainer.logger.init_args."
         args = [*fit_command(), *run.overrides(self.grid.base), "--trainer.enable_progress_bar=false",
-                f"{logger}save_dir={self.out.resolve() / 'runs'}", f"{logger}name={run.name}", f"{logger}version="]  # fmt: skip; empty version: no version_<n>/
+                f"{logger}save_dir={self.out.resolve() / 'runs'}", f"{logger}name={run.name}", f"{logger}version="]
         return args + ([f"--ckpt_path={resume}"] if resume else [])
 
     def environment(self) -> dict[str, str]:
@@ -133,8 +136,12 @@ class GridRunner:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
         write_json(self.spec(run), run_dir / RUN_FILE)
+        stderr = open(run_dir / "stderr.log", "wb+")  # read back by _finish, whoever writes it
+        if self.launcher is not None:  # a Ray task on some node of the cluster (shared filesystem)
+            process = self.launcher.start(self.command(run, resume), env, Path.cwd(), run_dir / "stdout.log",
+                                          run_dir / "stderr.log")  # fmt: skip
+            return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
         stdout = open(run_dir / "stdout.log", "ab")
-        stderr = open(run_dir / "stderr.log", "wb+")
         process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
         stdout.close()

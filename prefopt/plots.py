@@ -42,34 +42,46 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+ZOOM_KL = 2.5  # the right panel of the frontier plot: where the losses can be told apart
+
+
 def frontier_plot(points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame, path: Path) -> Path:
     """points: the summary with a `curve` column; frontier: (kl, reward); targets: (curve, target_kl, target_reward,
-    kl, reward) for the DPO settings."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    kl, reward) for the DPO settings. Left: every KL; right: KL up to ZOOM_KL."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     xmax = float(np.nanmax(points[f"{KL}.mean"] + points[f"{KL}.std"].fillna(0))) * 1.1
-    f = frontier[(frontier["kl"] <= xmax) & np.isfinite(frontier["kl"])].sort_values("kl")
-    ax.plot(f["kl"], f["reward"], color="black", lw=1.8, label="exact optimal frontier")
     colors = _colors(list(points["curve"].unique()))
-    for curve, g in points.groupby("curve", sort=False):
+    for ax, right in zip(axes, (xmax, min(ZOOM_KL, xmax))):
+        _frontier_panel(ax, points, frontier, targets, colors, right)
+    axes[0].set_title("Gold reward against KL (mean over seeds, bars: 1 s.d.; labels: the hyperparameter)", fontsize=9)
+    axes[1].set_title(f"the same, KL up to {ZOOM_KL:g}", fontsize=9)
+    axes[0].legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame,
+                    colors: dict[str, tuple], xmax: float) -> None:  # fmt: skip
+    f = frontier[(frontier["kl"] <= xmax * 1.05) & np.isfinite(frontier["kl"])].sort_values("kl")
+    ax.plot(f["kl"], f["reward"], color="black", lw=1.8, label="exact optimal frontier")
+    shown = points[points[f"{KL}.mean"] <= xmax]
+    for curve, g in shown.groupby("curve", sort=False):
         g = g.sort_values(f"{KL}.mean")
         ax.errorbar(g[f"{KL}.mean"], g[f"{REWARD}.mean"], xerr=g[f"{KL}.std"], yerr=g[f"{REWARD}.std"], fmt="o-",
                     ms=5, lw=1.2, capsize=2, color=colors[curve], label=curve)  # fmt: skip
-        param = swept_parameter(g)
+        param = swept_parameter(points[points["curve"] == curve])
         for _, row in g.iterrows() if param else ():
             ax.annotate(f"{row[param]:g}", (row[f"{KL}.mean"], row[f"{REWARD}.mean"]), fontsize=6,
                         xytext=(3, -8), textcoords="offset points", color=colors[curve])  # fmt: skip
-    for _, t in targets.iterrows():
+    for _, t in targets[targets["target_kl"] <= xmax].iterrows():
         color = colors.get(t["curve"], "gray")
         ax.plot([t["target_kl"], t["kl"]], [t["target_reward"], t["reward"]], ":", color=color, lw=0.8)
         ax.plot(t["target_kl"], t["target_reward"], "o", mfc="none", color=color, ms=7)
     if len(targets):
         ax.plot([], [], "o", mfc="none", color="gray", label="DPO target: frontier point at b = T beta")
-    ax.set(xlabel="sampled KL(pi || pi_ref), nats per response", ylabel="gold reward", xlim=(0, xmax),
-           title="Gold reward against KL (mean over seeds, bars: 1 s.d.; labels: the hyperparameter)")  # fmt: skip
-    ax.title.set_fontsize(9)
+    ymin = min(f["reward"].min(), shown[f"{REWARD}.mean"].min()) if len(shown) else f["reward"].min()
+    ax.set(xlabel="sampled KL(pi || pi_ref), nats per response", ylabel="gold reward", xlim=(0, xmax))
+    ax.set_ylim(bottom=ymin - 0.1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
 
 
 def _panels(n: int, rows: int = 1) -> tuple[plt.Figure, np.ndarray]:
@@ -83,6 +95,8 @@ def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
     x = g[param].astype(float).to_numpy()
     if (x > 0).all() and x.max() / x.min() > 5:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # label the swept values only
+    ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.set_xlabel(param.removeprefix("loss."))
     return x
 

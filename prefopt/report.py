@@ -5,7 +5,8 @@ Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.
 - frontier.csv: the task's exact optimal frontier (b, kl, reward), so notebooks need nothing from training code;
 - targets.csv: each DPO setting's analytic target: DPO's population optimum is pi_ref exp(R / (T beta)), the
   frontier point at b = T beta (T: the label temperature), next to where its runs landed;
-- matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds;
+- matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
+  its difference to the best curve there, paired by seed;
 - ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.ranking`);
 - frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.plots`).
 
@@ -25,7 +26,7 @@ import pandas as pd
 from prefopt import ranking as rk
 from prefopt.tables import write_csv
 
-FRONTIER_B = np.geomspace(0.02, 500.0, 300)  # from the near-maximal-reward tilt to (almost) the base
+FRONTIER_B = np.geomspace(0.002, 500.0, 300)  # from (almost) the maximal reward to (almost) the base
 
 
 def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -72,7 +73,8 @@ def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pm(mean: pd.Series, ci: pd.Series, digits: int = 3) -> pd.Series:
-    return [f"{m:.{digits}f} ± {c:.{digits}f}" if pd.notna(c) else f"{m:.{digits}f}" for m, c in zip(mean, ci)]
+    return [("-" if pd.isna(m) else f"{m:.{digits}f} ± {c:.{digits}f}" if pd.notna(c) else f"{m:.{digits}f}")
+            for m, c in zip(mean, ci)]  # fmt: skip
 
 
 def summary_view(points: pd.DataFrame) -> pd.DataFrame:
@@ -89,6 +91,53 @@ def summary_view(points: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
+def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked: pd.DataFrame) -> None:
+    """The summary, the matched-KL tables and the ranking, as text."""
+    curves = points["curve"].unique()
+    print(f"Summary of {out} (mean ± 95% CI across seeds; KL: sampled KL(pi || pi_ref) in nats)\n")
+    print(summary_view(points).to_string(index=False))
+    if len(matched):
+        frontier = rk.default_frontier()
+        cells = matched.assign(cell=_pm(matched["reward.mean"], matched["reward.ci95"]))
+        table = cells.pivot(index="curve", columns="kl", values="cell").reindex(curves)
+        limit = pd.DataFrame([{k: f"{frontier(k):.3f}" for k in table.columns}], index=["(frontier)"])
+        print("\nGold reward at matched KL (interpolated along each curve, per seed; ± 95% CI):\n")
+        print(pd.concat([table, limit]).fillna("-").to_string())
+        behind = matched.assign(cell=_pm(matched["behind_best.mean"], matched["behind_best.ci95"]))
+        print("\nBehind the best curve at that KL (its reward minus this curve's, paired by seed; ± 95% CI):\n")
+        print(behind.pivot(index="curve", columns="kl", values="cell").reindex(curves).fillna("-").to_string())
+    if len(ranked):
+        lo, hi = ranked["matched_kl_lo"].iloc[0], ranked["matched_kl_hi"].iloc[0]
+        print(f"\nRanking by the mean gap to the frontier over KL {lo:.2f}-{hi:.2f} (the range every ranked curve "
+              "and seed covers); lower is better:\n")  # fmt: skip
+        view = pd.DataFrame({
+            "rank": [f"{r:.0f}" if pd.notna(r) else "-" for r in ranked["rank"]],
+            "curve": ranked["curve"],
+            "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
+            "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
+            "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
+            "at": ranked["best_gap.setting"],
+            "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
+            "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],
+        })  # fmt: skip
+        print(view.to_string(index=False))
+        left_out = ranked.loc[~ranked["ranked"].astype(bool), "curve"].tolist()
+        if left_out:
+            print(f"\nNot ranked (their KL never meets the common range): {', '.join(left_out)}")
+
+
+def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,
+                targets: pd.DataFrame) -> list[Path]:  # fmt: skip
+    from prefopt import plots
+
+    written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
+               plots.gap_plot(points, out / "frontier_gap.png"),
+               plots.sweep_plot(points, out / "beta_sweeps.png")]  # fmt: skip
+    if not history.empty and rk.REWARD in history:
+        written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefopt report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a grid's results folder, e.g. results/default")
@@ -96,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         "round values within the KLs the runs reached)")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    runs, summary, history = read_tables(args.results)
+    out = args.results
+    runs, summary, history = read_tables(out)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 30)
     if rk.KL not in runs or runs[rk.KL].isna().all():
@@ -104,41 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         print(summary[keys + [c for c in summary.columns if c.endswith(".mean")][:8]].to_string(index=False))
         print("\n(no gold-task metrics in these runs: no frontier, ranking or plots)")
         return 0
-    points = summary
-    frontier, targets = frontier_table(), dpo_targets(runs)
     observed = rk.with_curves(runs)[rk.KL]
     kls = args.kl or [k for k in rk.NICE_KLS if observed.min() <= k <= observed.max()]
+    frontier, targets = frontier_table(), dpo_targets(runs)
     matched, ranked = rk.matched_kl(runs, kls), rk.ranking(runs)
-    out = args.results
     for name, table in (("frontier", frontier), ("targets", targets), ("matched_kl", matched), ("ranking", ranked)):
         write_csv(table, out / f"{name}.csv")
-
-    print(f"Summary of {out} (mean ± 95% CI across seeds; KL: sampled KL(pi || pi_ref) in nats)\n")
-    print(summary_view(points).to_string(index=False))
-    if len(matched):
-        cells = matched.assign(cell=_pm(matched["reward.mean"], matched["reward.ci95"]))
-        print("\nGold reward at matched KL (interpolated along each curve, per seed; ± 95% CI):\n")
-        table = cells.pivot(index="curve", columns="kl", values="cell").reindex(points["curve"].unique())
-        frontier_row = pd.DataFrame([{k: f"{rk._default_frontier()(k):.3f}" for k in table.columns}], index=["(frontier)"])
-        print(pd.concat([table, frontier_row]).fillna("-").to_string())
-    if len(ranked):
-        print(f"\nRanking by the mean gap to the frontier over KL {ranked['matched_kl_lo'].iloc[0]:.2f}-"
-              f"{ranked['matched_kl_hi'].iloc[0]:.2f} (the range every curve and seed covers); lower is better:\n")  # fmt: skip
-        view = pd.DataFrame({"rank": ranked["rank"], "curve": ranked["curve"],
-                             "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
-                             "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
-                             "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
-                             "at": ranked["best_gap.setting"],
-                             "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
-                             "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in
-                                                       zip(ranked["accuracy.min"], ranked["accuracy.max"])]})  # fmt: skip
-        print(view.to_string(index=False))
+    print_report(out, summary, matched, ranked)
     if not args.no_plots:
-        from prefopt import plots
-
-        written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
-                   plots.gap_plot(points, out / "frontier_gap.png"), plots.sweep_plot(points, out / "beta_sweeps.png")]  # fmt: skip
-        if not history.empty and rk.REWARD in history:
-            written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
+        written = write_plots(out, runs, summary, history, frontier, targets)
         print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

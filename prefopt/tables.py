@@ -156,7 +156,13 @@ def group_columns(runs: pd.DataFrame) -> list[str]:
     """What identifies one (loss, hyperparameters) setting: variant, loss, its hyperparameters, every assigned key
     but the seed, and the resolved settings that differ between runs."""
     keys = [c for c in runs.columns if c not in ("run", "curve", "status", "seed") and not _is_metric(c)]
-    return [c for c in keys if c not in RESOLVED or runs[c].nunique(dropna=False) > 1]
+    return [c for c in keys if c not in RESOLVED or _varies(runs, c)]
+
+
+def _varies(runs: pd.DataFrame, column: str) -> bool:
+    """Whether `column` differs between the complete runs (a run still going has no resolved config yet)."""
+    done = runs[runs["status"] == "ok"] if "status" in runs else runs
+    return done[column].nunique(dropna=False) > 1
 
 
 def curve_columns(runs: pd.DataFrame) -> list[str]:
@@ -167,7 +173,7 @@ def curve_columns(runs: pd.DataFrame) -> list[str]:
 def add_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """runs with a `curve` label after `run`: the variant, plus any other curve column that differs between runs
     (`dpo`, or `dpo lr=0.001`). A curve is one loss setting swept along its hyperparameters, across seeds."""
-    keys = [k for k in curve_columns(runs) if k not in ("variant", "loss") and runs[k].nunique(dropna=False) > 1]
+    keys = [k for k in curve_columns(runs) if k not in ("variant", "loss") and _varies(runs, k)]
     labels = [" ".join([str(row["variant"]), *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys if pd.notna(row[k]))])
               for _, row in runs.iterrows()]  # fmt: skip
     out = runs.drop(columns=["curve"], errors="ignore")
@@ -199,7 +205,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}.mean"], row[f"{m}.std"] = float(x.mean()) if len(x) else math.nan, std
             row[f"{m}.ci95"] = t_quantile(len(x)) * std / math.sqrt(len(x)) if len(x) > 1 else math.nan
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *(f"{m}.{s}" for m in metrics for s in ("mean", "std", "ci95"))])
+    stats = [f"{m}.{s}" for m in metrics for s in ("mean", "std", "ci95")]
+    return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *stats])
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -146,6 +146,8 @@ def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
     out = capsys.readouterr().out
     assert "dpo_beta0.1_seed0" in out and "dpo_beta1_seed1" in out and "4 runs, 4 to run" in out
     assert not (tmp_path / "out").exists()
+    grid_mod.main(["--config", str(path), "--dry-run", "--no-check", "--set", "model.reference_cache=false"])
+    assert "--model.reference_cache=false" in capsys.readouterr().out  # --set adds a fixed override
     bad = write_grid(tmp_path, {"set": {"trainer.max_stepz": 3}}, "bad.yaml")
     with pytest.raises(SystemExit):
         grid_mod.main(["--config", str(bad), "--dry-run"])
@@ -179,7 +181,8 @@ def test_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_path, st
     assert run_grid(path, out, "--workers", "2") == 1  # one setting fails: exit code 1
     records = calls(stub)
     assert len(records) == 6
-    overlaps = sum(a["start"] < b["end"] and b["start"] < a["end"] for i, a in enumerate(records) for b in records[i + 1 :])
+    pairs = [(a, b) for i, a in enumerate(records) for b in records[i + 1 :]]
+    overlaps = sum(a["start"] < b["end"] and b["start"] < a["end"] for a, b in pairs)
     assert overlaps >= 2, "two workers should run two stubs at a time"
     cores = len(os.sched_getaffinity(0))
     assert {r["threads"] for r in records} == {str(max(1, cores // 2))}

@@ -26,6 +26,8 @@ def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, s
     spec = {"name": run_dir.name, "variant": variant, "assigned": assigned, "loss": loss, "seed": seed,
             "args": [], "git_commit": "abc123", "run_time_s": 10.0}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(spec))
+    if status == "unfinished":  # started, no config or metrics yet
+        return run_dir
     (run_dir / "config.yaml").write_text("data:\n  gold:\n    label_temperature: 1.0\ntrainer:\n  max_steps: 300\n")
     if status == "failed":
         (run_dir / "error.txt").write_text("exit code 1\nboom")
@@ -38,7 +40,7 @@ def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, s
 
 
 def gold_final(kl: float, reward: float, accuracy: float = 0.7, frontier=None) -> dict:
-    frontier_reward = (frontier or rk._default_frontier())(kl)
+    frontier_reward = (frontier or rk.default_frontier())(kl)
     return {rk.KL: kl, rk.REWARD: reward, rk.GAP: frontier_reward - reward, rk.ACCURACY: accuracy, rk.MARGIN: 2 * kl}
 
 
@@ -49,10 +51,13 @@ def test_summary_mean_std_and_ci_by_hand(tmp_path):
     dirs = [fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, s, {rk.REWARD: r, rk.KL: 1.0})
             for s, r in enumerate([1.0, 2.0, 3.0])]  # fmt: skip
     dirs.append(fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, 3, {}, status="failed"))
+    dirs.append(fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, 4, {}, status="unfinished"))
     dirs += [fake_run(runs_dir, "ipo", {"name": "ipo", "beta": 0.5, "average_log_probs": True}, s, {rk.REWARD: 5.0})
              for s in (0, 1)]  # fmt: skip
     runs = write_tables(tmp_path, dirs)
     assert (runs["status"] == "failed").sum() == 1 and "boom" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
+    assert (runs["status"] == "unfinished").sum() == 1
+    assert set(runs["curve"]) == {"dpo", "ipo"}, "a run still going (no resolved config yet) changes no label"
     summary = pd.read_csv(tmp_path / "summary.csv")
     dpo = summary[summary["variant"] == "dpo"].iloc[0]
     assert dpo["n"] == 3 and dpo["seeds"] == "0 1 2"  # the failed seed 3 is left out
@@ -119,6 +124,9 @@ def test_matched_kl_interpolates_each_seed_and_ranks_by_reward():
     assert at1.loc["b", "reward.mean"] == pytest.approx(1.35)  # 1.3 + mean(0, 0.05, 0.1)
     assert at1.loc["a", "gap.mean"] == pytest.approx(0.4) and at1.loc["b", "gap.mean"] == pytest.approx(0.65)
     assert at1.loc["a", "rank"] == 1 and at1.loc["b", "rank"] == 2
+    # Paired by seed: a - b = (1.5 + s) - (1.3 + 0.05 i) = 0.2, 0.25, 0.3: mean 0.25, s.d. 0.05.
+    assert at1.loc["b", "behind_best.mean"] == pytest.approx(0.25) and at1.loc["a", "behind_best.mean"] == 0.0
+    assert at1.loc["b", "behind_best.ci95"] == pytest.approx(T_975_2DF * 0.05 / math.sqrt(3))
     at25 = matched[matched["kl"] == 2.5].set_index("curve")  # beyond a's largest KL (2.0): no value, no rank
     assert at25.loc["a", "n"] == 0 and math.isnan(at25.loc["a", "reward.mean"])
     assert at25.loc["b", "n"] == 3 and at25.loc["b", "rank"] == 1
@@ -139,6 +147,19 @@ def test_ranking_uses_the_common_kl_range_and_paired_differences():
     assert ranked.loc["b", "accuracy.min"] == pytest.approx(0.75)  # reported, not ranked on
 
 
+def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked():
+    """c lives at KL 6-9, beyond a (0.5-2) and b (0.4-3): ranking a and b over 0.5-2.0 beats no range at all."""
+    far = pd.DataFrame([{"run": f"c_{beta}_{i}", "variant": "c", "status": "ok", "loss": "simpo", "loss.beta": beta,
+                         "seed": i, rk.KL: kl, rk.REWARD: 2.0 + i / 10, rk.ACCURACY: 0.7, rk.GAP: 7.0}
+                        for i in range(3) for beta, kl in ((1.0, 6.0), (2.0, 9.0))])  # fmt: skip
+    runs = pd.concat([hand_runs(), far], ignore_index=True)
+    assert rk.common_kl_range(runs) == (0.5, 2.0, ["c"])
+    ranked = rk.ranking(runs, frontier=_line_frontier).set_index("curve")
+    assert list(ranked.index) == ["a", "b", "c"] and ranked.loc["a", "rank"] == 1
+    assert not ranked.loc["c", "ranked"] and math.isnan(ranked.loc["c", "rank"])
+    assert math.isnan(ranked.loc["c", "matched_gap.mean"]) and ranked.loc["c", "best_gap.mean"] == pytest.approx(7.0)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def gold_results(folder: Path) -> Path:
     """A results folder with dpo and ipo curves near the real frontier, three seeds each, one failed run."""
@@ -149,7 +170,8 @@ def gold_results(folder: Path) -> Path:
         for beta in (0.5, 1.0, 2.0):
             kl, reward = frontier_point(beta * 1.3)
             final = gold_final(kl, reward - 0.1 - 0.02 * seed, accuracy=0.72)
-            dirs.append(fake_run(folder / "runs", "dpo", {"name": "dpo", "beta": beta, "label_smoothing": 0.0}, seed, final))
+            loss = {"name": "dpo", "beta": beta, "label_smoothing": 0.0}
+            dirs.append(fake_run(folder / "runs", "dpo", loss, seed, final))
         for tau in (0.5, 2.0):
             kl, reward = frontier_point(1.0 / tau)
             final = gold_final(kl, reward - 0.2 + 0.01 * seed, accuracy=0.74)

@@ -60,11 +60,12 @@ def wait_until_quiet(threshold: float, max_wait: float) -> float:
         time.sleep(10)
 
 
-def run_one(contender: str, inputs: dict, mode: str, warmup: int, steps: int, batch: int, threads: int) -> dict:
+def run_one(contender: str, inputs: dict, mode: str, warmup: int, steps: int, batch: int, threads: int,
+            extra: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=f"{HERE.parent}:{HERE}")  # fmt: skip
-    cmd = [sys.executable, str(HERE / "contenders.py"), contender, json.dumps(inputs), mode, str(warmup), str(steps),
-           str(batch), str(threads)]  # fmt: skip
+    cmd = [sys.executable, str(HERE / "contenders.py"), contender.split("[")[0], json.dumps(inputs), mode, str(warmup),
+           str(steps), str(batch), str(threads), json.dumps(extra)]  # fmt: skip
     ticks = os.sysconf("SC_CLK_TCK")
     children0 = os.times()
     b0, t0 = cpu_times()
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", nargs="+", default=["1m", "20m"], choices=sorted(MODEL_SIZES))
     ap.add_argument("--modes", nargs="+", default=["live", "cached"], choices=["live", "cached"])
     ap.add_argument("--contenders", nargs="+", default=["prefopt", "plain", "trl"], choices=["prefopt", "plain", "trl"])
+    ap.add_argument("--prefopt-variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="an extra prefopt contender 'prefopt[NAME]' with these CLI overrides (space-separated), "
+                         "e.g. 'eager=--model.compile=false'; repeatable")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the clock starts")
     ap.add_argument("--steps", nargs="+", default=["1m=40", "20m=8"], help="timed steps per size, SIZE=N")
@@ -147,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     steps = {k: int(v) for k, v in (s.split("=") for s in args.steps)}
     contenders = list(args.contenders)
+    variants = {"prefopt": []}
+    for v in args.prefopt_variant:
+        name, _, extra = v.partition("=")
+        variants[f"prefopt[{name}]"] = extra.split()
+    at = contenders.index("prefopt") + 1 if "prefopt" in contenders else 0
+    contenders[at:at] = [k for k in variants if k != "prefopt"]
     if "trl" in contenders and not have_trl():
         print("TRL is not installed: skipping it (pip install -e '.[bench]' adds trl and accelerate)", flush=True)
         contenders.remove("trl")
@@ -161,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 for contender in contenders:
                     before = wait_until_quiet(args.quiet_below, args.max_wait)
-                    r = run_one(contender, inputs[size], mode, args.warmup, steps[size], args.batch, args.threads)
-                    r.update(size=size, repeat=rep, busy_before=before, loadavg=os.getloadavg()[0])
+                    r = run_one(contender, inputs[size], mode, args.warmup, steps[size], args.batch, args.threads,
+                                variants.get(contender, []))
+                    r.update(contender=contender, size=size, repeat=rep, busy_before=before, loadavg=os.getloadavg()[0])
                     runs.append(r)
                     print(f"[{rep}] {size} {mode:6s} {contender:8s} {r['pairs'] / r['elapsed_s']:7.2f} pairs/s  "
                           f"rss {r['peak_rss_mb']:.0f} MB  others {r['others_busy']:.0%}  unmatched "

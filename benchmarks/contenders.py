@@ -180,7 +180,8 @@ def run_trl(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: 
 
 
 # ------------------------------------------------------------------------------------------------ prefopt
-def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: int) -> dict[str, Any]:
+def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: int,
+                extra: list[str] = ()) -> dict[str, Any]:
     """prefopt's CLI: configs/base.yaml (its shipped defaults, speed settings included), then prefopt_overrides.yaml."""
     from prefopt.cli import main
     from prefopt_clock import Clock
@@ -195,6 +196,7 @@ def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, bat
         f"--data.dataset={inputs['dataset']}", f"--data.batch_size={batch}", f"--trainer.max_steps={warmup + steps}",
         f"--trainer.logger.init_args.save_dir={root}",
         f"--trainer.callbacks+={json.dumps({'class_path': 'prefopt_clock.Clock', 'init_args': {'warmup': warmup}})}",
+        *extra,
     ])  # fmt: skip
     clock = next(c for c in cli.trainer.callbacks if isinstance(c, Clock))
     return clock.window.result(steps, batch)
@@ -204,11 +206,17 @@ RUNNERS = {"prefopt": run_prefopt, "plain": run_plain, "trl": run_trl}
 
 
 def worker(argv: list[str]) -> None:
-    """`contenders.py CONTENDER INPUTS_JSON live|cached WARMUP STEPS BATCH THREADS`: prints one RESULT line."""
-    name, inputs, mode, warmup, steps, batch, threads = argv
+    """`contenders.py CONTENDER INPUTS_JSON live|cached WARMUP STEPS BATCH THREADS [EXTRA_JSON]`: one RESULT line.
+
+    EXTRA_JSON: a list of extra prefopt CLI arguments (a variant); empty for the others.
+    """
+    name, inputs, mode, warmup, steps, batch, threads, *rest = argv
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    result = RUNNERS[name](json.loads(inputs), mode == "live", int(warmup), int(steps), int(batch))
+    extra = json.loads(rest[0]) if rest else []
+    run = RUNNERS[name]
+    args = (json.loads(inputs), mode == "live", int(warmup), int(steps), int(batch))
+    result = run(*args, extra) if extra else run(*args)
     result.update(contender=name, mode=mode, peak_rss_mb=peak_rss_mb())
     print("RESULT " + json.dumps(result), flush=True)
 

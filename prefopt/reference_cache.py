@@ -80,9 +80,14 @@ def load_or_compute(
     collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
     cache_dir: Path | None = None,
     batch_size: int = 64,
+    tag: str = "",
 ) -> tuple[Tensor, Path, bool]:
-    """The (N, 4) table from the cache if present, else computed and stored. Returns (table, path, was_cached)."""
-    key = f"v{CACHE_VERSION}-{weights_hash(reference)}-{examples_hash(examples)}"
+    """The (N, 4) table from the cache if present, else computed and stored. Returns (table, path, was_cached).
+
+    `tag` joins the key: anything besides weights and data that changes the numbers (the precision, e.g. autocast).
+    """
+    tag = hashlib.sha256(tag.encode()).hexdigest()[:8] if tag else "plain"
+    key = f"v{CACHE_VERSION}-{weights_hash(reference)}-{examples_hash(examples)}-{tag}"
     path = (cache_dir or default_cache_dir()) / f"{key}.pt"
     if path.is_file():
         table = torch.load(path, weights_only=True)

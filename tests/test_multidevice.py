@@ -67,3 +67,15 @@ def test_gradient_accumulation_matches_the_full_batch(micro_base, tmp_path, monk
     assert paired == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
     for pa, pb in zip(a.model.policy.parameters(), b.model.policy.parameters()):
         assert (pa - pb).abs().max() < 1e-5
+
+
+def test_kto_under_ddp_takes_its_reference_point_over_all_ranks(micro_base, tmp_path, monkeypatch):
+    """KTO's z0 under 2 gloo processes: the mismatched rows of both ranks are gathered (a run, not a hang or crash)."""
+    record = tmp_path / "kto.jsonl"
+    env = dict(os.environ, LOSS_TRAJECTORY=str(record), PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    args = ["fit", "--model.loss={name: kto}", "--data.batch_size=2", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+            "--trainer.devices=2", "--trainer.strategy=ddp", RECORD, f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "prefopt", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _trajectory(record)
+    assert len(losses) == 2 and all(0 < x < 2 for x in losses)

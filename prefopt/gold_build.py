@@ -8,9 +8,7 @@
 - `ensure_pairs`: two reference samples per training prompt, labelled by a Bradley-Terry draw on the gold
   reward. Cached under ``cache_dir/pairs-<hash of (reference, seed, sizes, T)>``; a new seed redraws the
   pairs (GOLD_TASK pitfall 3).
-- `sample_responses` / `score_responses`: batched temperature sampling with a KV cache and an explicit
-  generator (the global torch RNG is never touched, so a resumed run reproduces an uninterrupted one), and
-  summed completion log-probs of the very same token sequences under any model.
+- sampling and scoring (`sample_responses`, `score_responses`) live in `gold_sampling`.
 
 Every artifact is written into a temporary directory next to its final place and moved there with one
 `os.replace`, so a crash never leaves a half-written artifact behind.
@@ -28,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from transformers import (
 )
 
 from prefopt import gold_task as task
+from prefopt.gold_sampling import Response, _prompt_ids, sample_responses, score_responses  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,6 @@ PAIRS_VERSION = 1
 REFERENCE_META = "prefopt_reference.json"
 PAIRS_META = "meta.json"
 
-# A response is (topic, words, ended_with_eos): what `sample_responses` returns and `score_responses` reads.
-Response = tuple[str, list[str], bool]
 
 
 def default_cache_dir() -> Path:
@@ -110,115 +107,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=task.UNK,
         model_max_length=64,  # a full sequence is at most 3 + 16 + 1 tokens
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and scoring
-
-
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, topic: str) -> list[int]:
-    return tokenizer(task.prompt_text(topic))["input_ids"]
-
-
-@torch.no_grad()
-def sample_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    topics: Sequence[str],
-    num_per_topic: int,
-    generator: torch.Generator,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
-    batch_size: int = 4096,
-) -> list[Response]:
-    """Sample `num_per_topic` responses per topic; returns (topic, words, ended_with_eos) in topic order.
-
-    Tokens are drawn on the CPU from `generator` (a CPU generator), whatever the model's device, so the
-    samples depend only on the generator's state and the model's probabilities. A response that reaches
-    `max_new_tokens` without <eos> is returned with ended_with_eos=False (no <eos> is forced).
-    temperature 0 is greedy decoding.
-    """
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    rows = [topic for topic in topics for _ in range(num_per_topic)]
-    prompt_of = {t: _prompt_ids(tokenizer, t) for t in set(topics)}
-    prompts = [prompt_of[t] for t in rows]
-    was_training = model.training
-    model.eval()
-    out: list[Response] = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = prompts[start : start + batch_size]
-            if len({len(p) for p in chunk}) != 1:
-                raise ValueError("every prompt must tokenize to the same length (no padding is used)")
-            input_ids = torch.tensor(chunk, device=device)  # (B, P)
-            generated = torch.full((len(chunk), max_new_tokens), pad_id, dtype=torch.long)  # (B, N), CPU
-            done = torch.zeros(len(chunk), dtype=torch.bool)  # (B,)
-            cache = None
-            for step in range(max_new_tokens):
-                output = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-                cache = output.past_key_values
-                logits = output.logits[:, -1].float().cpu()  # (B, V)
-                if temperature == 0:
-                    token = logits.argmax(dim=-1)  # (B,)
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-                token = torch.where(done, pad_id, token)  # finished rows keep feeding pad; ignored
-                generated[:, step] = token
-                done |= token == eos_id
-                if bool(done.all()):
-                    break
-                input_ids = token.unsqueeze(1).to(device)  # (B, 1)
-            for topic, ids in zip(rows[start : start + len(chunk)], generated.tolist()):
-                ended = eos_id in ids
-                words = ids[: ids.index(eos_id)] if ended else ids
-                out.append((topic, tokenizer.convert_ids_to_tokens(words), ended))
-    finally:
-        model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def score_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    responses: Sequence[Response],
-    batch_size: int = 2048,
-) -> torch.Tensor:
-    """Summed completion log-prob log pi(y | x) of each response under `model`: (N,) float32 on the CPU.
-
-    The sequence is rebuilt exactly as sampled: prompt ids, the word tokens (the tokenizer is a bijection on
-    tokens) and <eos> when the response ended with it. Prompt tokens are excluded; <eos> is included.
-    """
-    device = next(model.parameters()).device
-    prompt_of = {t: _prompt_ids(tokenizer, t) for t in {r[0] for r in responses}}
-    seqs, starts = [], []
-    for topic, words, ended in responses:
-        prompt = prompt_of[topic]
-        completion = tokenizer.convert_tokens_to_ids(list(words)) + ([tokenizer.eos_token_id] if ended else [])
-        seqs.append(prompt + completion)
-        starts.append(len(prompt))
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(seqs))
-    try:
-        for lo in range(0, len(seqs), batch_size):
-            chunk, chunk_starts = seqs[lo : lo + batch_size], starts[lo : lo + batch_size]
-            width = max(len(s) for s in chunk)
-            # Right padding needs no attention mask in a causal model: pads only come after real tokens.
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-            logits = model(input_ids=ids.to(device)).logits[:, :-1].float()  # (B, T-1, V): predicts ids[:, 1:]
-            token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-            pos = torch.arange(1, width)[None, :]  # (1, T-1): index of the predicted token
-            lengths = torch.tensor([len(s) for s in chunk])[:, None]
-            mask = (pos >= torch.tensor(chunk_starts)[:, None]) & (pos < lengths)  # completion tokens only
-            out[lo : lo + len(chunk)] = (token_logps.cpu() * mask).sum(dim=1)
-    finally:
-        model.train(was_training)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

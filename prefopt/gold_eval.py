@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt import gold_task as task
-from prefopt.gold_build import sample_responses, score_responses
+from prefopt.gold_sampling import sample_responses, score_responses
 
 SHORT_WORDS = 4  # fewer words than the base's minimum length counts as "short"
 

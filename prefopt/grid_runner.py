@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from prefopt.grid import ROOT, Grid, Run
-from prefopt.tables import (CONFIG_FILE, ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
+from prefopt.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
                             write_atomic, write_json, write_tables)  # fmt: skip
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt

@@ -198,7 +198,6 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
         row["n"] = len(group)
         row["seeds"] = " ".join(str(s) for s in sorted(group["seed"].tolist()))
-        t = t_quantile(len(group))
         for m in metrics:
             x = group[m].dropna().astype(float)
             std = float(x.std(ddof=1)) if len(x) > 1 else math.nan

@@ -36,6 +36,10 @@ sys.path.insert(0, str(HERE))
 from common import MODEL_SIZES, build_inputs, matmul_peak_gflops, make_model  # noqa: E402
 
 
+# prefopt as configs/base.yaml ships it: without the speed settings that prefopt_overrides.yaml turns on.
+BASE_VARIANT = "base=--data.group_by_length=0 --model.compile=false"
+
+
 def cpu_times() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -136,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", nargs="+", default=["1m", "20m"], choices=sorted(MODEL_SIZES))
     ap.add_argument("--modes", nargs="+", default=["live", "cached"], choices=["live", "cached"])
     ap.add_argument("--contenders", nargs="+", default=["prefopt", "plain", "trl"], choices=["prefopt", "plain", "trl"])
-    ap.add_argument("--prefopt-variant", action="append", default=[], metavar="NAME=ARGS",
+    ap.add_argument("--prefopt-variant", action="append", default=None, metavar="NAME=ARGS",
                     help="an extra prefopt contender 'prefopt[NAME]' with these CLI overrides (space-separated), "
-                         "e.g. 'eager=--model.compile=false'; repeatable")
+                         f"e.g. 'eager=--model.compile=false'; repeatable; default: '{BASE_VARIANT}' (configs/base.yaml's "
+                         "speed settings); 'none' for no variant")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the clock starts")
-    ap.add_argument("--steps", nargs="+", default=["1m=40", "20m=8"], help="timed steps per size, SIZE=N")
+    ap.add_argument("--steps", nargs="+", default=["1m=100", "20m=16"], help="timed steps per size, SIZE=N")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet-below", type=float, default=0.10, help="wait until the machine is less busy than this")
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {k: int(v) for k, v in (s.split("=") for s in args.steps)}
     contenders = list(args.contenders)
     variants = {"prefopt": []}
-    for v in args.prefopt_variant:
+    for v in [BASE_VARIANT] if args.prefopt_variant is None else [v for v in args.prefopt_variant if v != "none"]:
         name, _, extra = v.partition("=")
         variants[f"prefopt[{name}]"] = extra.split()
     at = contenders.index("prefopt") + 1 if "prefopt" in contenders else 0

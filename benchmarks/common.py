@@ -127,19 +127,29 @@ def tokenized_pairs(jsonl: str, tokenizer) -> list[dict[str, list[int]]]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so a
+    worker would report at least its parent's size at the moment it was started."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(threads: int = 2, n: int = 1024, k: int = 4096, trials: int = 7) -> float:
-    """Best-of-trials fp32 matmul rate (GFLOP/s) of (n x k) @ (k x n) on `threads` threads."""
+PEAK_SHAPES = ((2048, 2048, 2048), (1024, 4096, 1024), (1024, 512, 1408), (1024, 1408, 512), (4096, 4096, 4096))
+
+
+def matmul_peak_gflops(threads: int = 2, shapes=PEAK_SHAPES, trials: int = 5) -> float:
+    """Best fp32 matmul rate (GFLOP/s) on `threads` threads over square and model-shaped (m, k, n) products."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
     best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(5):
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        reps = max(1, int(2e10 / (2 * m * k * n)))
+        for _ in range(2):
             a @ b
-        best = max(best, 5 * 2 * n * n * k / (time.perf_counter() - t) / 1e9)
+        for _ in range(trials):
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = max(best, reps * 2 * m * k * n / (time.perf_counter() - t) / 1e9)
     return best

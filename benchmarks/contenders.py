@@ -38,6 +38,7 @@ class Window:
 
     def __init__(self, warmup: int, examples: list[dict[str, list[int]]]) -> None:
         self.warmup, self.step, self.open, self.start, self.end = warmup, 0, False, 0.0, 0.0
+        self.last, self.step_s = 0.0, []  # durations of the timed steps
         self.counts = {"policy_positions": 0, "reference_positions": 0, "unmatched_rows": 0}
         self.seen: set[int] = set()
         self.threads = torch.get_num_threads()
@@ -56,6 +57,8 @@ class Window:
             self.threads = torch.get_num_threads()
         elif self.open:
             self.end = time.perf_counter()
+            self.step_s.append(self.end - self.last)
+        self.last = time.perf_counter()
 
     def hook(self, role: str):
         def count(module, args, kwargs):
@@ -87,6 +90,7 @@ class Window:
             "useful_tokens": sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex),
             "completion_tokens": sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex),
             "threads": self.threads,
+            "step_s": [round(t, 5) for t in self.step_s],
             **self.counts,
         }
 
@@ -194,7 +198,7 @@ def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, bat
         f"--model.model={inputs['model']}", f"--model.reference_cache={str(not live).lower()}",
         f"--model.optimizer={json.dumps(optimizer)}", f"--model.loss={json.dumps({'name': 'dpo', 'beta': BETA})}",
         f"--data.dataset={inputs['dataset']}", f"--data.batch_size={batch}", f"--trainer.max_steps={warmup + steps}",
-        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.default_root_dir={root}",
         f"--trainer.callbacks+={json.dumps({'class_path': 'prefopt_clock.Clock', 'init_args': {'warmup': warmup}})}",
         *extra,
     ])  # fmt: skip

@@ -152,7 +152,6 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         share_prompt: bool = False,
-        pack_length: int = 0,
         group_by_length: int = 0,
         unpaired: bool = False,
         seed: int = 0,
@@ -194,9 +193,6 @@ class PreferenceDataModule(L.LightningDataModule):
             share_prompt: paired training batches hold one row prompt + chosen + rejected per pair, so the prompt is
                 computed once (prefopt/prefix_sharing.py); the loss is unchanged up to float rounding. Validation
                 batches and unpaired losses keep the two-row layout.
-            pack_length: with share_prompt, pack a batch's pairs into rows of up to this many tokens (at least the
-                longest pair), each pair attending only within itself: less padding, the same pairs per batch.
-                0: one pair per row.
             group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
                 batches again, then shuffle the batches (prefopt/batching.py): less padding, less varied batches.
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
@@ -377,8 +373,7 @@ class PreferenceDataModule(L.LightningDataModule):
         from prefopt.prefix_sharing import collate_shared_pairs
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
-                                     [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id,
-                                     self.hparams.pack_length)  # fmt: skip
+                                     [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)  # fmt: skip
         if all("ref_logps" in e for e in examples):
             batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
         return batch

@@ -205,7 +205,8 @@ class PreferenceModule(L.LightningModule):
                 self.logratio_sum += total[0]
                 self.logratio_count += total[1]
                 lp = lp.replace(running_logratio_mean=self._running_logratio_mean())
-            values = pair_metrics(lp, self.loss.reward_scale)
+            # Step metrics are only written on logging steps (trainer.log_every_n_steps): computed only there.
+            values = pair_metrics(lp, self.loss.reward_scale) if self._logs_this_step() else {}
         else:
             lp = unpaired_logps(policy, batch["completion_mask"], batch["desirable"], ref)
             if self._distributed and lp.ref_kl_logps is not None:
@@ -220,6 +221,11 @@ class PreferenceModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is None or bool(getattr(connector, "should_update_logs", True))
 
     def _check_finite(self, loss: Tensor) -> None:
         """Raise on a non-finite loss; the host waits for the device only every `check_finite_every_n_steps`."""

@@ -19,9 +19,13 @@ whose column 0 is 0, so `prefopt.logps.pair_logps` reads it unchanged.
 
 The LM head runs only at the C + R predicting positions, not on prompt positions or padding.
 
-Packing (`pack_length`): several pairs may share a row, each attending only within itself (a block-diagonal mask over
-the pairs), so that a batch of pairs of different lengths needs little padding without changing which pairs form the
-batch. The attention of a longer row costs more (it grows with the row length), the linear layers do not.
+The mask is built from per-position pair and part ids, so a row could hold several pairs (block-diagonal attention).
+Packing a batch's pairs first-fit into rows was measured at batch 8, max length 128 (benchmarks/): it removed almost
+no padding (pairs of 71-183 tokens rarely share a row of the longest one's length) and longer rows made attention
+dearer, so rows hold one pair; `data.group_by_length` is what cuts padding.
+
+Needs an attention backend that takes a custom 4D mask ("sdpa" or "eager"; not flash_attention_2). On a GPU, sdpa
+with a dense mask cannot use its flash kernel; measure before turning it on there.
 
 Deviations from a plain forward, both within float rounding: attention over a masked longer row sums the same terms
 in a different order, and the rejected part's rotary phases are computed for the restarted positions.
@@ -36,29 +40,10 @@ from torch.nn import functional as F
 from prefopt.logps import decoder_and_head, label_logps_from_hidden
 
 
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices of `lengths` grouped into rows of at most max(capacity, longest) tokens."""
-    capacity = max(capacity, max(lengths))
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), None)
-        if row is None:
-            rows.append([])
-            fill.append(0)
-            row = len(rows) - 1
-        rows[row].append(i)
-        fill[row] += lengths[i]
-    return rows
-
-
 def collate_shared_pairs(
-    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int, pack_length: int = 0
+    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int
 ) -> dict[str, Tensor]:
-    """Pairs as prompt + chosen + rejected sequences, one per row (or packed: several per row), right-padded.
-
-    pack_length 0: one pair per row; otherwise pairs are packed first-fit into rows of up to max(pack_length, the
-    longest pair) tokens, attending only within their own pair (the batch's pairs are unchanged, only less padding).
+    """Pairs as prompt + chosen + rejected sequences, one per row, right-padded.
 
     Returns input_ids, position_ids, segment_ids (the pair of each position, -1 on padding) and part_ids (0 prompt,
     1 chosen, 2 rejected, 3 padding), all (rows, T); and for the loss, in the standard per-token layout of 2B rows
@@ -69,7 +54,7 @@ def collate_shared_pairs(
     """
     b = len(prompts)
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(b)]
+    rows = [[i] for i in range(b)]  # one pair per row (the mask also allows several: see the module docstring)
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_dpo.py                      # the full table (about 40 minutes on 2 cores)
     python benchmarks/bench_dpo.py --sizes 1m --repeats 1 --contenders prefopt plain   # a quick look
+    python benchmarks/bench_dpo.py --profile gpu         # one GPU: a Qwen2.5-0.5B-shaped model, bf16 (see PROFILES)
+    python benchmarks/bench_dpo.py merge a.json b.json   # one table from separate invocations (each a repeat)
 
 Same model directory, same pairs (benchmarks/common.py), batch 8 pairs, max length 128, DPO (beta 0.1), fused AdamW,
 fp32, 2 threads, for each contender with a live reference and with reference log-probs precomputed before training.
@@ -13,7 +15,8 @@ processes were during the run.
 Columns: pairs/s; completion tokens/s (chosen + rejected tokens, eos included); peak RSS of the run's process; FLOP
 utilization against the matmul peak measured here (6 x params x tokens for the policy, 2 x params x tokens for a live
 reference), on all token positions the models processed (padding included) and on useful tokens only (no padding,
-each prompt once: |x| + |y_w| + |y_l| per pair). TRL is skipped with a message when it is not installed
+each prompt once: |x| + |y_w| + |y_l| per pair); on a GPU also the peak memory the allocator handed out, and the
+utilization is against a measured bf16 matmul peak. TRL is skipped with a message when it is not installed
 (`pip install -e ".[bench]"`).
 """
 
@@ -31,9 +34,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MODEL_SIZES, build_inputs, matmul_peak_gflops, make_model  # noqa: E402
+from common import MODEL_SIZES, build_inputs, gpu_bf16_peak_gflops, make_model, matmul_peak_gflops  # noqa: E402
+
+# What each profile runs unless told otherwise. cpu: the issue's setting (2 threads, fp32, batch 8, max length 128).
+# gpu: a Qwen2.5-0.5B-shaped model in bf16 mixed precision, batch 16, max length 1024, on one GPU.
+PROFILES = {
+    "cpu": {"sizes": ["1m", "20m"], "steps": ["1m=100", "20m=16"], "batch": 8, "max_length": 128, "warmup": 3},
+    "gpu": {"sizes": ["qwen0.5b"], "steps": ["qwen0.5b=20"], "batch": 8, "max_length": 1024, "warmup": 4,
+            # prefopt_overrides.yaml's compile is for the CPU: with it, a first GPU run of this model did not finish
+            # within 500 s (compiling policy and reference, dynamic shapes), longer than all the others together.
+            # The LM head in chunks of 4,096 rows: at batch 16 the one-piece (rows, 151,936) fp32 logits ran out of
+            # the H100's 80 GB (so did the plain loop's; TRL's fit in 60 GB).
+            "prefopt_args": "--model.compile=false --model.logps_chunk_size=4096"},
+}
 
 
 # prefopt as configs/base.yaml ships it: without the speed settings that prefopt_overrides.yaml turns on.
@@ -65,20 +82,30 @@ def wait_until_quiet(threshold: float, max_wait: float) -> float:
 
 
 def run_one(contender: str, inputs: dict, mode: str, warmup: int, steps: int, batch: int, threads: int,
-            extra: list[str]) -> dict:
+            extra: list[str], log: Path, timeout: float | None = None) -> dict | None:
+    """One run in its own process; its output goes to `log`. None (and a message) if it fails or outlasts `timeout`."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=f"{HERE.parent}:{HERE}")  # fmt: skip
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     cmd = [sys.executable, str(HERE / "contenders.py"), contender.split("[")[0], json.dumps(inputs), mode, str(warmup),
            str(steps), str(batch), str(threads), json.dumps(extra)]  # fmt: skip
     ticks = os.sysconf("SC_CLK_TCK")
     children0 = os.times()
     b0, t0 = cpu_times()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        try:
+            code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent, timeout=timeout)
+            code = code.returncode
+        except subprocess.TimeoutExpired:
+            code = f"killed after {timeout:.0f} s"
     b1, t1 = cpu_times()
     children1 = os.times()
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender} {mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("RESULT ")]
+    if code != 0 or not lines:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        print(f"{contender} {mode} failed (exit {code}); its log {log} ends:\n{tail}", flush=True)
+        return None
     result = json.loads(lines[-1][len("RESULT "):])
     own = (children1.children_user + children1.children_system - children0.children_user - children0.children_system)
     # Other processes' share of the machine while this run lasted (whole run, not only its timed window).
@@ -109,6 +136,7 @@ def summarize(runs: list[dict], params: dict[str, int], peak: float) -> list[dic
             "pairs_per_s": med(lambda r: r["pairs"] / r["elapsed_s"]),
             "completion_tokens_per_s": med(lambda r: r["completion_tokens"] / r["elapsed_s"]),
             "peak_rss_mb": med(lambda r: r["peak_rss_mb"]),
+            "peak_gpu_mb": med(lambda r: r.get("peak_gpu_mb", 0.0)),
             "util_all": med(lambda r: (6 * n * r["policy_positions"] + 2 * n * r["reference_positions"])
                             / r["elapsed_s"] / (peak * 1e9)),
             "util_useful": med(lambda r: (6 + 2 * live) * n * r["useful_tokens"] / r["elapsed_s"] / (peak * 1e9)),
@@ -120,9 +148,10 @@ def summarize(runs: list[dict], params: dict[str, int], peak: float) -> list[dic
 
 
 def table(rows: list[dict], params: dict[str, int]) -> str:
+    gpu = any(r["peak_gpu_mb"] for r in rows)
     out = ["| size | reference | contender | pairs/s | vs TRL | vs plain | completion tok/s | peak RSS MB "
-           "| FLOP util (all tokens) | FLOP util (useful) | spread | others' CPU (max) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           + ("| peak GPU MB " if gpu else "") + "| FLOP util (all tokens) | FLOP util (useful) | spread | others' CPU (max) |",
+           "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|---|"]  # fmt: skip
     by = {(r["size"], r["mode"], r["contender"]): r for r in rows}
     for r in rows:
         trl, plain = by.get((r["size"], r["mode"], "trl")), by.get((r["size"], r["mode"], "plain"))
@@ -130,14 +159,17 @@ def table(rows: list[dict], params: dict[str, int]) -> str:
         size = f"{r['size']} ({params[r['size']] / 1e6:.2f}M)"
         mode = "live" if r["mode"] == "live" else "precomputed"
         out.append(f"| {size} | {mode} | {r['contender']} | {r['pairs_per_s']:.2f} | {vs(trl)} | {vs(plain)} "
-                   f"| {r['completion_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['util_all']:.2f} "
+                   f"| {r['completion_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
+                   + (f"| {r['peak_gpu_mb']:.0f} " if gpu else "") + f"| {r['util_all']:.2f} "
                    f"| {r['util_useful']:.2f} | {r['spread']:.0%} | {r['others_busy_max']:.0%} |")  # fmt: skip
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["1m", "20m"], choices=sorted(MODEL_SIZES))
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                    help="cpu: fp32, 2 threads (the default); gpu: bf16 mixed precision on one CUDA device")
+    ap.add_argument("--sizes", nargs="+", default=None, choices=sorted(MODEL_SIZES))
     ap.add_argument("--modes", nargs="+", default=["live", "cached"], choices=["live", "cached"])
     ap.add_argument("--contenders", nargs="+", default=["prefopt", "plain", "trl"], choices=["prefopt", "plain", "trl"])
     ap.add_argument("--prefopt-variant", action="append", default=None, metavar="NAME=ARGS",
@@ -145,21 +177,31 @@ def main(argv: list[str] | None = None) -> None:
                          f"e.g. 'eager=--model.compile=false'; repeatable; default: '{BASE_VARIANT}' (configs/base.yaml's "
                          "speed settings); 'none' for no variant")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the clock starts")
-    ap.add_argument("--steps", nargs="+", default=["1m=100", "20m=16"], help="timed steps per size, SIZE=N")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the clock starts")
+    ap.add_argument("--steps", nargs="+", default=None, help="timed steps per size, SIZE=N")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet-below", type=float, default=0.10, help="wait until the machine is less busy than this")
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet before each run")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "prefopt-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument("--logs", default=None, help="folder for each run's output (default: WORKDIR/logs)")
+    ap.add_argument("--run-timeout", type=float, default=None, help="seconds before a run is given up (reported, skipped)")
     args = ap.parse_args(argv)
+    for key, value in PROFILES[args.profile].items():
+        if getattr(args, key, "") is None:
+            setattr(args, key, value)
+    gpu = args.profile == "gpu"
+    if gpu:
+        args.quiet_below = 1.01  # a GPU run is not sensitive to a busy CPU core the way a 2-thread CPU run is
     steps = {k: int(v) for k, v in (s.split("=") for s in args.steps)}
     contenders = list(args.contenders)
-    variants = {"prefopt": []}
+    common = PROFILES[args.profile].get("prefopt_args", "").split()
+    variants = {"prefopt": common}
     for v in [BASE_VARIANT] if args.prefopt_variant is None else [v for v in args.prefopt_variant if v != "none"]:
         name, _, extra = v.partition("=")
-        variants[f"prefopt[{name}]"] = extra.split()
+        variants[f"prefopt[{name}]"] = common + extra.split()
     at = contenders.index("prefopt") + 1 if "prefopt" in contenders else 0
     contenders[at:at] = [k for k in variants if k != "prefopt"]
     if "trl" in contenders and not have_trl():
@@ -167,36 +209,72 @@ def main(argv: list[str] | None = None) -> None:
         contenders.remove("trl")
 
     params = {s: sum(p.numel() for p in make_model(s).parameters()) for s in args.sizes}
-    inputs = {s: build_inputs(Path(args.workdir), s, (args.warmup + steps[s]) * args.batch) for s in args.sizes}
+    inputs = {s: build_inputs(Path(args.workdir), s, (args.warmup + steps[s]) * args.batch, profile=args.profile)
+              for s in args.sizes}  # fmt: skip
+    for s in args.sizes:
+        inputs[s].update(device="cuda" if gpu else "cpu", bf16=gpu, max_length=args.max_length)
+    measure_peak = gpu_bf16_peak_gflops if gpu else (lambda: matmul_peak_gflops(args.threads))
+    machine = (torch.cuda.get_device_name() if gpu else
+               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}")
+    setting = (f"batch {args.batch}, max length {args.max_length}, {'bf16 mixed precision' if gpu else 'fp32'}, "
+               f"{args.warmup} warm-up steps, then {', '.join(args.steps)} timed")  # fmt: skip
+    record = {"date": str(datetime.date.today()), "machine": machine, "setting": setting, "params": params,
+              "peaks": [], "runs": [], "argv": sys.argv[1:]}  # fmt: skip
     wait_until_quiet(args.quiet_below, args.max_wait)
-    peaks = [matmul_peak_gflops(args.threads)]
-    runs = []
+    record["peaks"].append(measure_peak())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for rep in range(args.repeats):
         for size in args.sizes:
             for mode in args.modes:
                 for contender in contenders:
                     before = wait_until_quiet(args.quiet_below, args.max_wait)
+                    log = Path(args.logs or Path(args.workdir) / "logs") / f"{rep}-{size}-{mode}-{contender}.log"
                     r = run_one(contender, inputs[size], mode, args.warmup, steps[size], args.batch, args.threads,
-                                variants.get(contender, []))
+                                variants.get(contender, []), log, args.run_timeout)  # fmt: skip
+                    if r is None:
+                        continue
                     r.update(contender=contender, size=size, repeat=rep, busy_before=before, loadavg=os.getloadavg()[0])
-                    runs.append(r)
+                    record["runs"].append(r)
+                    out.write_text(json.dumps(record, indent=1))  # after every run: an interrupted table keeps them
                     print(f"[{rep}] {size} {mode:6s} {contender:8s} {r['pairs'] / r['elapsed_s']:7.2f} pairs/s  "
-                          f"rss {r['peak_rss_mb']:.0f} MB  others {r['others_busy']:.0%}  unmatched "
-                          f"{r['unmatched_rows']}  identified {r['pairs_identified']}/{r['pairs']}", flush=True)
+                          f"rss {r['peak_rss_mb']:.0f} MB  gpu {r['peak_gpu_mb']:.0f} MB  others {r['others_busy']:.0%}"
+                          f"  unmatched {r['unmatched_rows']}  identified {r['pairs_identified']}/{r['pairs']}",
+                          flush=True)  # fmt: skip
     wait_until_quiet(args.quiet_below, args.max_wait)
-    peaks.append(matmul_peak_gflops(args.threads))
-    peak = max(peaks)
-    rows = summarize(runs, params, peak)
-    md = table(rows, params)
-    header = (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, torch threads {args.threads}; matmul peak {peak:.0f} GFLOP/s "
-              f"(best of the runs before and after: {', '.join(f'{p:.0f}' for p in peaks)}); "
-              f"median of {args.repeats}; batch {args.batch}, max length 128, fp32")  # fmt: skip
-    print("\n" + header + "\n\n" + md)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"header": header, "peak_gflops": peak, "peaks": peaks, "params": params,
-                                          "rows": rows, "runs": runs, "argv": sys.argv[1:]}, indent=1))  # fmt: skip
+    record["peaks"].append(measure_peak())
+    out.write_text(json.dumps(record, indent=1))
+    print(report(record))
+
+
+def report(record: dict) -> str:
+    """The header line and the table of one record (or of several merged)."""
+    peak = max(record["peaks"])
+    repeats = len({r["repeat"] for r in record["runs"]})
+    header = (f"{record['date']}, {record['machine']}; matmul peak {peak:.0f} GFLOP/s (best of the measurements "
+              f"before and after: {', '.join(f'{p:.0f}' for p in record['peaks'])}); median of {repeats}; "
+              f"{record['setting']}")  # fmt: skip
+    return "\n" + header + "\n\n" + table(summarize(record["runs"], record["params"], peak), record["params"])
+
+
+def merge(paths: list[str]) -> dict:
+    """Records of separate invocations (one repeat each, say) as one: their runs renumbered as repeats 0, 1, ..."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**records[0], "peaks": [p for r in records for p in r["peaks"]], "runs": []}
+    for k, rec in enumerate(records):
+        if rec["setting"] != merged["setting"] or rec["machine"] != merged["machine"]:
+            raise SystemExit(f"{paths[k]}: a different machine or setting than {paths[0]}; not merged")
+        offset = 1 + max((r["repeat"] for r in merged["runs"]), default=-1)
+        merged["runs"] += [{**r, "repeat": r["repeat"] + offset} for r in rec["runs"]]
+    return merged
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["merge"]:  # python benchmarks/bench_dpo.py merge A.json B.json ... [--out M.json]
+        files, _, target = " ".join(sys.argv[2:]).partition(" --out ")
+        merged = merge(files.split())
+        if target:
+            Path(target.strip()).write_text(json.dumps(merged, indent=1))
+        print(report(merged))
+    else:
+        main()

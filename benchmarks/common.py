@@ -1,9 +1,10 @@
 """The benchmark's fixed inputs, shared by every contender: tokenizer, data, models, FLOP peak, timing helpers.
 
-Data (identical for all contenders): synthetic lowercase text of random words, byte-level tokenizer (vocab 259: 256
-bytes + pad/bos/eos, one token per character). Per pair, prompt length ~ U{30..60} characters (+ bos), chosen and
-rejected lengths independently ~ U{20..60} characters (+ eos): a row prompt + completion is 51-122 tokens, so all of
-it fits max_length 128 and nothing is truncated. A shared-prompt sequence (prompt + chosen + rejected) is 71-183.
+Data (identical for all contenders): synthetic lowercase text of random words, byte-level tokenizer (256 bytes +
+pad/bos/eos, one token per character). CPU profile: per pair, prompt length ~ U{30..60} characters (+ bos), chosen
+and rejected lengths independently ~ U{20..60} characters (+ eos): a row prompt + completion is 51-122 tokens, so all
+of it fits max_length 128 and nothing is truncated; a shared-prompt sequence (prompt + chosen + rejected) is 71-183.
+GPU profile: prompts U{150..450}, responses U{100..500} characters, max_length 1024 (nothing truncated either).
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ WORDS = (
     "other new some could time these two may then first any like now my such make over our even most after also"
 ).split()
 
-# name -> LlamaConfig kwargs; parameter counts are printed by `describe_models`.
+# name -> config kwargs. 1m and 20m: Llama with the byte vocabulary (CPU). qwen0.5b: Qwen2.5-0.5B's shape, its
+# 151,936-token vocabulary included (the LM head is a large share of its work), randomly initialized (GPU).
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "1m": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4},
     "20m": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6, "num_attention_heads": 8},
+    "qwen0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                 "num_key_value_heads": 2, "vocab_size": 151936},
 }
-PROMPT_CHARS = (30, 60)
-RESPONSE_CHARS = (20, 60)
+# Characters per prompt and per response, uniform in [low, high], for each benchmark profile.
+TEXT_CHARS = {"cpu": {"prompt": (30, 60), "response": (20, 60)}, "gpu": {"prompt": (150, 450), "response": (100, 500)}}
 
 
 def byte_tokenizer():
@@ -67,31 +71,31 @@ def _text(rng: random.Random, n: int) -> str:
     return " ".join(words)[:n].rstrip().ljust(n, "s")
 
 
-def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+def make_pairs(n: int, seed: int = 0, profile: str = "cpu") -> list[dict[str, str]]:
     rng = random.Random(seed)
+    chars = TEXT_CHARS[profile]
     rows = []
     for _ in range(n):
-        prompt = _text(rng, rng.randint(*PROMPT_CHARS)) + ":"
-        chosen = " " + _text(rng, rng.randint(*RESPONSE_CHARS) - 1)
-        rejected = " " + _text(rng, rng.randint(*RESPONSE_CHARS) - 1)
+        prompt = _text(rng, rng.randint(*chars["prompt"])) + ":"
+        chosen = " " + _text(rng, rng.randint(*chars["response"]) - 1)
+        rejected = " " + _text(rng, rng.randint(*chars["response"]) - 1)
         if chosen != rejected:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
 def make_model(size: str, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    heads = MODEL_SIZES[size]["num_attention_heads"]
-    config = LlamaConfig(
-        vocab_size=259, max_position_embeddings=512, tie_word_embeddings=True, num_key_value_heads=heads,
-        pad_token_id=256, bos_token_id=257, eos_token_id=258, **MODEL_SIZES[size],
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    kwargs = {"vocab_size": 259, "num_key_value_heads": MODEL_SIZES[size]["num_attention_heads"], **MODEL_SIZES[size]}
+    common = {"tie_word_embeddings": True, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
+    if size.startswith("qwen"):
+        return Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=4096, rope_theta=1e6, **common, **kwargs))
+    return LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **common, **kwargs))
 
 
-def build_inputs(root: Path, size: str, n_pairs: int, seed: int = 0) -> dict[str, str]:
+def build_inputs(root: Path, size: str, n_pairs: int, seed: int = 0, profile: str = "cpu") -> dict[str, str]:
     """Write the model + tokenizer directory and the data (jsonl and a save_to_disk DatasetDict) under root."""
     import datasets
 
@@ -100,11 +104,11 @@ def build_inputs(root: Path, size: str, n_pairs: int, seed: int = 0) -> dict[str
     if not (model_dir / "config.json").is_file():
         make_model(size, seed).save_pretrained(model_dir)
         byte_tokenizer().save_pretrained(model_dir)
-    rows = make_pairs(n_pairs + 16, seed)
+    rows = make_pairs(n_pairs + 16, seed, profile)
     train, val = rows[:n_pairs], rows[n_pairs:]
-    jsonl = root / f"pairs_{n_pairs}.jsonl"
+    jsonl = root / f"pairs_{profile}_{n_pairs}.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in train))
-    disk = root / f"pairs_{n_pairs}"
+    disk = root / f"pairs_{profile}_{n_pairs}"
     if not disk.is_dir():
         datasets.DatasetDict(
             {"train": datasets.Dataset.from_list(train), "validation": datasets.Dataset.from_list(val)}
@@ -133,6 +137,27 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float:
+    """Peak memory the caching allocator handed out on the GPU (0 without one)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def gpu_bf16_peak_gflops(n: int = 8192, reps: int = 10) -> float:
+    """Best of 5 timings of `reps` bf16 (n x n) @ (n x n) products on the GPU, in GFLOP/s (as matmul_peak_gflops)."""
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 PEAK_SHAPES = ((2048, 2048, 2048), (1024, 4096, 1024), (1024, 512, 1408), (1024, 1408, 512), (4096, 4096, 4096))

@@ -1,12 +1,14 @@
 """The three contenders, each run in its own process by bench_dpo.py: prefopt, a plain PyTorch loop, TRL.
 
 Every contender trains the same model directory on the same pairs (one epoch of warm-up + timed steps), with DPO
-(beta 0.1, sigmoid loss), AdamW (fused, lr 1e-6, no weight decay), no gradient clipping, no dropout, fp32, and a
-live or precomputed reference. The clock starts at the end of the last warm-up optimizer step and stops at the end
-of the last timed one, so one-off costs (imports, loading, tokenizing, precomputing reference log-probs) are outside
-it. Forward pre-hooks on each model's decoder count the token positions it processes inside the window (padding
-included) and identify every pair it sees, so useful tokens (no padding, each prompt once) are exact for each
-contender's own batches, and a pair tokenized differently by a contender shows up as unmatched.
+(beta 0.1, sigmoid loss), AdamW (fused, lr 1e-6, no weight decay), no gradient clipping, no dropout, and a live or
+precomputed reference; on the CPU in fp32, on a GPU in bf16 mixed precision (fp32 weights, bf16 autocast: what TRL's
+`bf16=True` does). The clock starts at the end of the last warm-up optimizer step and stops at the end of the last
+timed one (on a GPU after a synchronize at both ends), so one-off costs (imports, loading, tokenizing, precomputing
+reference log-probs, compiling) are outside it. Forward pre-hooks on each model's decoder count the token positions
+it processes inside the window (padding included) and keep its input ids, from which every pair it saw is identified
+after the clock stops: useful tokens (no padding, each prompt once) are exact for each contender's own batches, and a
+pair tokenized differently by a contender shows up as unmatched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, tokenized_pairs  # noqa: E402
+from common import peak_gpu_mb, peak_rss_mb, tokenized_pairs  # noqa: E402
 
 BETA, LR, PAD, BOS = 0.1, 1e-6, 256, 257
 
@@ -36,11 +38,12 @@ def _split_at_bos(tokens: list[int]) -> list[tuple[int, ...]]:
 class Window:
     """Step clock and token counters for the timed window (steps warmup+1 .. warmup+steps)."""
 
-    def __init__(self, warmup: int, examples: list[dict[str, list[int]]]) -> None:
-        self.warmup, self.step, self.open, self.start, self.end = warmup, 0, False, 0.0, 0.0
-        self.last, self.step_s = 0.0, []  # durations of the timed steps
+    def __init__(self, warmup: int, examples: list[dict[str, list[int]]], steps: int, cuda: bool = False) -> None:
+        self.warmup, self.steps, self.step, self.open, self.start, self.end = warmup, steps, 0, False, 0.0, 0.0
+        self.last, self.step_s = 0.0, []  # durations of the timed steps (CPU; on a GPU only the total is exact)
         self.counts = {"policy_positions": 0, "reference_positions": 0, "unmatched_rows": 0}
-        self.seen: set[int] = set()
+        self.policy_ids: list[torch.Tensor] = []  # read after the clock stops (no host sync inside the window)
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.threads = torch.get_num_threads()
         # Every row layout a contender may use, stripped of padding, -> pair index.
         self.index: dict[tuple[int, ...], int] = {}
@@ -53,9 +56,13 @@ class Window:
     def step_end(self) -> None:
         self.step += 1
         if self.step == self.warmup:
+            self.sync()
             self.open, self.start = True, time.perf_counter()
             self.threads = torch.get_num_threads()
         elif self.open:
+            if self.step == self.warmup + self.steps:
+                self.sync()
+                self.open = False
             self.end = time.perf_counter()
             self.step_s.append(self.end - self.last)
         self.last = time.perf_counter()
@@ -67,20 +74,26 @@ class Window:
             ids = kwargs.get("input_ids", args[0] if args else None)
             self.counts[f"{role}_positions"] += ids.numel()
             if role == "policy":
-                for row in ids.tolist():
-                    for key in _split_at_bos([t for t in row if t != PAD]):  # a packed row holds several pairs
-                        if key in self.index:
-                            self.seen.add(self.index[key])
-                        else:
-                            self.counts["unmatched_rows"] += 1
+                self.policy_ids.append(ids)
 
         return count
 
     def attach(self, model: Any, role: str) -> None:
         model.get_decoder().register_forward_pre_hook(self.hook(role), with_kwargs=True)
 
+    def pairs_seen(self) -> set[int]:
+        seen = set()
+        for ids in self.policy_ids:
+            for row in ids.tolist():
+                for key in _split_at_bos([t for t in row if t != PAD]):  # a row holds one pair or one response
+                    if key in self.index:
+                        seen.add(self.index[key])
+                    else:
+                        self.counts["unmatched_rows"] += 1
+        return seen
+
     def result(self, steps: int, batch: int) -> dict[str, Any]:
-        ex = [self.examples[i] for i in sorted(self.seen)]
+        ex = [self.examples[i] for i in sorted(self.pairs_seen())]
         elapsed = self.end - self.start
         return {
             "elapsed_s": elapsed,
@@ -98,12 +111,17 @@ class Window:
 # ------------------------------------------------------------------------------------------------ plain loop
 def run_plain(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: int) -> dict[str, Any]:
     """The minimal loop: 2B concatenated rows, one forward per model, reference under no_grad, DPO, AdamW."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = inputs["device"]
     tok = AutoTokenizer.from_pretrained(inputs["model"])
     examples = tokenized_pairs(inputs["jsonl"], tok)
-    policy = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32).train()
-    reference = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32).eval().requires_grad_(False)
+    policy = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32).to(device).train()
+    reference = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32).to(device)
+    reference.eval().requires_grad_(False)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if inputs["bf16"] else nullcontext
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.0, fused=True)
 
     def collate(exs: list[dict[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,11 +133,12 @@ def run_plain(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch
             ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
             comp[i, prompt[i] : len(r)] = 1
-        return ids, attn, comp
+        return ids.to(device), attn.to(device), comp.to(device)
 
     def logps(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-        labels = ids[:, 1:]
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+        logits, labels = logits.float(), ids[:, 1:]
         tok_logps = logits.gather(-1, labels[..., None]).squeeze(-1) - logits.logsumexp(-1)
         return (tok_logps * comp[:, 1:]).sum(-1)  # (2B,)
 
@@ -130,7 +149,7 @@ def run_plain(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch
         with torch.no_grad():
             ref_table = [logps(reference, *collate(b)) for b in batches]
         del reference
-    window = Window(warmup, examples)
+    window = Window(warmup, examples, steps, cuda=device == "cuda")
     window.attach(policy, "policy")
     if live:
         window.attach(reference, "reference")
@@ -160,7 +179,7 @@ def run_trl(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: 
 
     tok = AutoTokenizer.from_pretrained(inputs["model"])
     examples = tokenized_pairs(inputs["jsonl"], tok)
-    window = Window(warmup, examples)
+    window = Window(warmup, examples, steps, cuda=inputs["device"] == "cuda")
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -169,9 +188,10 @@ def run_trl(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: 
     model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="bench-trl-")
     config = DPOConfig(
-        output_dir=out, per_device_train_batch_size=batch, max_length=128, beta=BETA, loss_type=["sigmoid"],
-        learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=warmup + steps,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, precompute_ref_log_probs=not live,
+        output_dir=out, per_device_train_batch_size=batch, max_length=inputs["max_length"], beta=BETA,
+        loss_type=["sigmoid"], learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+        max_steps=warmup + steps, bf16=inputs["bf16"], fp16=False, gradient_checkpointing=False,
+        use_cpu=inputs["device"] == "cpu", precompute_ref_log_probs=not live, optim="adamw_torch_fused",
         save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
     )  # fmt: skip
     train = datasets.load_dataset("json", data_files=inputs["jsonl"], split="train")
@@ -198,8 +218,10 @@ def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, bat
         f"--model.model={inputs['model']}", f"--model.reference_cache={str(not live).lower()}",
         f"--model.optimizer={json.dumps(optimizer)}", f"--model.loss={json.dumps({'name': 'dpo', 'beta': BETA})}",
         f"--data.dataset={inputs['dataset']}", f"--data.batch_size={batch}", f"--trainer.max_steps={warmup + steps}",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.callbacks+={json.dumps({'class_path': 'prefopt_clock.Clock', 'init_args': {'warmup': warmup}})}",
+        f"--data.max_length={inputs['max_length']}", f"--trainer.default_root_dir={root}",
+        *(["--trainer.accelerator=gpu", "--trainer.devices=1"] if inputs["device"] == "cuda" else []),
+        *(["--trainer.precision=bf16-mixed"] if inputs["bf16"] else []),
+        f"--trainer.callbacks+={json.dumps({'class_path': 'prefopt_clock.Clock', 'init_args': {'warmup': warmup, 'steps': steps}})}",
         *extra,
     ])  # fmt: skip
     clock = next(c for c in cli.trainer.callbacks if isinstance(c, Clock))
@@ -221,7 +243,7 @@ def worker(argv: list[str]) -> None:
     run = RUNNERS[name]
     args = (json.loads(inputs), mode == "live", int(warmup), int(steps), int(batch))
     result = run(*args, extra) if extra else run(*args)
-    result.update(contender=name, mode=mode, peak_rss_mb=peak_rss_mb())
+    result.update(contender=name, mode=mode, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb())
     print("RESULT " + json.dumps(result), flush=True)
 
 

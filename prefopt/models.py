@@ -78,13 +78,20 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def load_causal_lm(name: str, dtype: str = "float32", attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a causal LM by hub name or local directory, with dropout disabled."""
+def load_causal_lm(
+    name: str, dtype: str = "float32", attn_implementation: str | None = None, device: torch.device | None = None
+) -> PreTrainedModel:
+    """Load a causal LM by hub name or local directory, with dropout disabled.
+
+    device: load the weights straight onto it (None: the CPU), so that the host never holds a full copy.
+    """
     path = resolve(name)
     check_model_path(path)
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if device is not None:
+        kwargs["device_map"] = device
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:  # e.g. a hub name that is neither reachable nor cached

@@ -85,7 +85,8 @@ class PreferenceModule(L.LightningModule):
                 range). 0: never.
             compile: `torch.compile` the decoder stacks of policy and reference (dynamic shapes): fuses the
                 element-wise work between matmuls. Pays on CPU from ~1M parameters once a run has more than a few
-                dozen steps (compiling takes ~15-60 s); needs a C++ compiler.
+                dozen steps (compiling takes ~15-60 s); needs a C++ compiler. Not yet for GPU runs: a first try on a
+                0.5B model had not finished its warm-up after 500 s (benchmarks/README.md).
         """
         super().__init__()
         if warmup_steps < 0:
@@ -112,7 +113,8 @@ class PreferenceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation}
+        kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation,
+                  "device": self._load_device()}  # fmt: skip
         policy = load_causal_lm(self.hparams.model, **kwargs)
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
@@ -128,6 +130,16 @@ class PreferenceModule(L.LightningModule):
                 if isinstance(model, torch.nn.Module):
                     parts = decoder_and_head(model)
                     (model if parts is None else parts[0]).compile(dynamic=True)
+
+    def _load_device(self) -> torch.device | None:
+        """The accelerator to load both models onto directly, where the strategy keeps whole models (one device,
+        DDP); None (the CPU, then moved by Lightning) otherwise. Loading on the host first made a GPU run of two
+        0.5B models peak at 9.7 GB of host memory (benchmarks/README.md)."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        whole = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+        return strategy.root_device if whole and strategy.root_device.type != "cpu" else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With LoRA, keep the trainable adapter weights and the buffers; the base reloads from its source."""

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen
 from prefopt.cli import main
 from prefopt.logps import forward_logits, token_logps
 from prefopt.models import check_model_path, load_causal_lm, load_tokenizer
+from prefopt.module import PreferenceModule
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason='LoRA needs peft (the "lora" extra)')
 
@@ -98,7 +99,6 @@ def test_bf16_on_cpu_trains_a_micro_model(micro_base):
 
 def test_gradient_checkpointing_gives_the_same_gradients(micro_model, micro_pairs):
     from prefopt.data import PreferenceDataModule
-    from prefopt.module import PreferenceModule
 
     dm = PreferenceDataModule(dataset=str(micro_pairs), tokenizer=str(micro_model), batch_size=4)
     dm.setup("fit")
@@ -202,3 +202,30 @@ def test_unknown_column_fields_fail_when_the_datamodule_is_made():
 
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['promt'\]"):
         PreferenceDataModule(columns={"promt": "question"})
+
+
+def test_models_load_straight_onto_the_accelerator_where_the_strategy_keeps_whole_models(micro_model, monkeypatch):
+    """One device or DDP on an accelerator: policy and reference are loaded onto it (the host never holds both
+    fp32 copies); on the CPU, or under a sharding strategy, they are loaded on the host as before."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    import prefopt.module
+
+    seen = []
+
+    def fake_load(name, **kwargs):
+        seen.append(kwargs["device"])
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(prefopt.module, "load_causal_lm", fake_load)
+    cuda = torch.device("cuda", 0)
+    cases = [(None, None), (SingleDeviceStrategy(device=torch.device("cpu")), None),
+             (SingleDeviceStrategy(device=cuda), cuda), (FSDPStrategy(), None)]  # fmt: skip
+    for strategy, expected in cases:
+        module = PreferenceModule(model=str(micro_model), reference_cache=False)
+        module._trainer = None if strategy is None else SimpleNamespace(strategy=strategy)
+        seen.clear()
+        module.configure_model()
+        assert seen == [expected, expected], strategy  # policy and reference

@@ -5,7 +5,9 @@ benchmarks/bench_dpo.py, never by tests."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,7 +203,7 @@ def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch
         main(["fit", "--model.check_finite_every_n_steps=3"])
 
 
-@pytest.mark.slow  # ~40 s of compiling on 2 cores: opt-in (python -m pytest -m slow)
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_pairs):
     """torch.compile (model.compile) changes no number beyond float rounding, on a prompt-shared batch.
 

@@ -88,6 +88,21 @@ data:
 """
 
 
+def poison_loss(monkeypatch, is_nan) -> None:
+    """Make the loss NaN on the training-loss calls (numbered from 1) for which `is_nan(call)` is true."""
+    from prefopt.losses import LossConfig
+
+    calls = {"n": 0}
+    real_call = LossConfig.__call__
+
+    def poisoned(self, lp):
+        calls["n"] += 1
+        out = real_call(self, lp)
+        return out * float("nan") if is_nan(calls["n"]) else out
+
+    monkeypatch.setattr(LossConfig, "__call__", poisoned)
+
+
 @pytest.fixture(scope="session")
 def micro_model(tmp_path_factory) -> Path:
     return save_micro_model(tmp_path_factory.mktemp("micro_model"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+from micro_fixtures import micro_base, micro_model, micro_pairs, poison_loss  # noqa: F401  (fixtures)
 
 from prefopt.cli import main
 from prefopt.losses import LOSSES, LossConfig
@@ -59,15 +59,7 @@ def test_resumed_run_matches_uninterrupted_run(micro_base, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(micro_base, monkeypatch):
-    calls = {"n": 0}
-    real_call = LossConfig.__call__
-
-    def poisoned(self, lp):
-        calls["n"] += 1
-        out = real_call(self, lp)
-        return out * float("nan") if calls["n"] >= 3 else out
-
-    monkeypatch.setattr(LossConfig, "__call__", poisoned)
+    poison_loss(monkeypatch, lambda call: call >= 3)
     with pytest.raises(FloatingPointError, match="training step 2"):
         main(["fit"])
 

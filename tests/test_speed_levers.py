@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+from micro_fixtures import micro_base, micro_model, micro_pairs, poison_loss  # noqa: F401  (fixtures)
 
 from prefopt.batching import LengthGroupedSampler, padding_fraction
 from prefopt.cli import main
@@ -190,15 +190,7 @@ def test_a_run_with_every_lever_matches_a_run_without(micro_base):
 
 
 def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch):
-    calls = {"n": 0}
-    real_call = LossConfig.__call__
-
-    def poisoned(self, lp):
-        calls["n"] += 1
-        out = real_call(self, lp)
-        return out * float("nan") if calls["n"] == 2 else out  # only step 1 is NaN
-
-    monkeypatch.setattr(LossConfig, "__call__", poisoned)
+    poison_loss(monkeypatch, lambda call: call == 2)  # only step 1 is NaN
     with pytest.raises(FloatingPointError, match="within training steps 0-2"):
         main(["fit", "--model.check_finite_every_n_steps=3"])
 

@@ -174,10 +174,10 @@ class PreferenceModule(L.LightningModule):
                 return load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs,
                                        batch_size=datamodule.hparams.batch_size, tag=f"precision={precision}")  # fmt: skip
 
-        if self.trainer.is_global_zero:
-            compute()  # rank 0 writes the cache entry; the other ranks wait, then read it
+        # Rank 0 computes (or reads) and writes the cache entry; the other ranks wait, then read it.
+        table = compute()[0] if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("reference_cache")
-        datamodule.set_reference_logps(compute()[0])
+        datamodule.set_reference_logps(compute()[0] if table is None else table)
 
     # ---------------------------------------------------------------- steps
     def _token_logps(self, batch: dict[str, Tensor], with_reference: bool) -> tuple[Tensor, Tensor | None]:

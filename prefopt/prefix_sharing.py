@@ -19,10 +19,9 @@ whose column 0 is 0, so `prefopt.logps.pair_logps` reads it unchanged.
 
 The LM head runs only at the C + R predicting positions, not on prompt positions or padding.
 
-The mask is built from per-position pair and part ids, so a row could hold several pairs (block-diagonal attention).
-Packing a batch's pairs first-fit into rows was measured at batch 8, max length 128 (benchmarks/): it removed almost
-no padding (pairs of 71-183 tokens rarely share a row of the longest one's length) and longer rows made attention
-dearer, so rows hold one pair; `data.group_by_length` is what cuts padding.
+Rows hold one pair each. Packing several pairs into a row (block-diagonal attention) was measured at batch 8, max
+length 128 (benchmarks/): it removed almost no padding (pairs of 71-183 tokens rarely share a row of the longest
+one's length) and longer rows made attention dearer; `data.group_by_length` is what cuts padding.
 
 Needs an attention backend that takes a custom 4D mask ("sdpa" or "eager"; not flash_attention_2). On a GPU, sdpa
 with a dense mask cannot use its flash kernel; measure before turning it on there.
@@ -45,46 +44,32 @@ def collate_shared_pairs(
 ) -> dict[str, Tensor]:
     """Pairs as prompt + chosen + rejected sequences, one per row, right-padded.
 
-    Returns input_ids, position_ids, segment_ids (the pair of each position, -1 on padding) and part_ids (0 prompt,
-    1 chosen, 2 rejected, 3 padding), all (rows, T); and for the loss, in the standard per-token layout of 2B rows
-    (chosen rows then rejected rows, in pair order, completions left-aligned): completion_mask (2B, L + 1), 1 on
-    columns 1..C (chosen rows) or 1..R (rejected rows) and 0 in column 0, so that completion_mask[:, 1:] marks the
-    (2B, L) label slots as in `prefopt.logps`; and, in the row-major order of those slots, pred_index (n,) into the
-    flattened (rows * T) positions and labels (n,).
+    Returns input_ids, position_ids and part_ids (0 prompt, 1 chosen, 2 rejected, 3 padding), all (B, T); and for
+    the loss, in the standard per-token layout of 2B rows (chosen rows then rejected rows, in pair order,
+    completions left-aligned): completion_mask (2B, L + 1), 1 on columns 1..C (chosen rows) or 1..R (rejected rows)
+    and 0 in column 0, so that completion_mask[:, 1:] marks the (2B, L) label slots as in `prefopt.logps`; and, in
+    the row-major order of those slots, pred_index (n,) into the flattened (B * T) positions and labels (n,).
     """
     b = len(prompts)
-    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-    rows = [[i] for i in range(b)]  # one pair per row (the mask also allows several: see the module docstring)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    part_ids = torch.full((len(rows), width), 3, dtype=torch.long)
-    start = [0] * b  # flat index (row * width + offset) where each pair begins
-    for r, row in enumerate(rows):
-        offset = 0
-        for i in row:
-            n_p, n_c, n_r = len(prompts[i]), len(chosen[i]), len(rejected[i])
-            span = slice(offset, offset + lengths[i])
-            input_ids[r, span] = torch.tensor(prompts[i] + chosen[i] + rejected[i], dtype=torch.long)
-            position_ids[r, span] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
-            segment_ids[r, span] = i
-            part_ids[r, span] = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
-            start[i] = r * width + offset
-            offset += lengths[i]
-    widest = max(max(map(len, chosen)), max(map(len, rejected)))
-    label_mask = torch.zeros((2 * b, widest), dtype=torch.bool)
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    part_ids = torch.full((b, width), 3, dtype=torch.long)
+    label_mask = torch.zeros((2 * b, max(max(map(len, chosen)), max(map(len, rejected)))), dtype=torch.bool)
     chosen_pred, rejected_pred = [], []
     for i in range(b):
         n_p, n_c, n_r = len(prompts[i]), len(chosen[i]), len(rejected[i])
+        n = n_p + n_c + n_r
+        input_ids[i, :n] = torch.tensor(prompts[i] + chosen[i] + rejected[i], dtype=torch.long)
+        position_ids[i, :n] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
+        part_ids[i, :n] = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
         label_mask[i, :n_c] = True
         label_mask[b + i, :n_r] = True
-        chosen_pred.append(start[i] + torch.arange(n_p - 1, n_p + n_c - 1))
-        rejected_pred.append(start[i] + torch.cat([torch.tensor([n_p - 1]), torch.arange(n_p + n_c, n_p + n_c + n_r - 1)]))
+        chosen_pred.append(i * width + torch.arange(n_p - 1, n_p + n_c - 1))
+        rejected_pred.append(i * width + torch.cat([torch.tensor([n_p - 1]), torch.arange(n_p + n_c, n - 1)]))
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "segment_ids": segment_ids,
         "part_ids": part_ids,
         "completion_mask": F.pad(label_mask.long(), (1, 0)),
         "pred_index": torch.cat(chosen_pred + rejected_pred),
@@ -93,13 +78,12 @@ def collate_shared_pairs(
 
 
 def shared_attention_mask(batch: dict[str, Tensor]) -> Tensor:
-    """Boolean (rows, 1, T, T) mask, True where a query may attend to a key (see the module docstring)."""
-    seg, part = batch["segment_ids"], batch["part_ids"]  # (rows, T)
-    pos = torch.arange(seg.shape[1], device=seg.device)
+    """Boolean (B, 1, T, T) mask, True where a query may attend to a key (see the module docstring)."""
+    part = batch["part_ids"]  # (B, T)
+    pos = torch.arange(part.shape[1], device=part.device)
     causal = pos[None, :, None] >= pos[None, None, :]  # (1, T, T)
     q_part, k_part = part[:, :, None], part[:, None, :]
-    same_pair = seg[:, :, None] == seg[:, None, :]
-    allowed = causal & same_pair & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
+    allowed = causal & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
     allowed |= (q_part == 3) & (pos[:, None] == pos[None, :])  # padding rows attend to themselves only
     return allowed.unsqueeze(1)
 

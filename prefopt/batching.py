@@ -12,35 +12,28 @@ and the loss of any given batch are unchanged). `group: 1` gives the plain shuff
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DistributedSampler
+
+from prefopt.data import EpochSeededSampler
 
 
-class LengthGroupedSampler(DistributedSampler):
+class LengthGroupedSampler(EpochSeededSampler):
     """A seeded, rank-aware sampler whose consecutive `batch_size` indices have similar `lengths`.
 
     With several processes, a global batch (batch_size x world_size examples) is grouped as one, and rank r takes
-    every world_size-th index of it, as `prefopt.data.EpochSeededSampler` does. `skip` drops the first indices of
-    this rank's next pass (a resumed epoch). It subclasses DistributedSampler only so that Lightning uses it as it is.
+    every world_size-th index of it; the split over ranks, `skip` and `set_epoch` are `EpochSeededSampler`'s.
     """
 
     def __init__(
         self, lengths: list[int], batch_size: int, group: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:  # no super().__init__: it needs a process group
+    ) -> None:
         if group < 1:
             raise ValueError(f"group must be >= 1, got {group}")
+        super().__init__(len(lengths), seed, rank, world_size)
         self.lengths, self.batch_size, self.group = lengths, batch_size, group
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.size, self.epoch, self.skip = len(lengths), 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size // self.world_size
 
     def global_order(self) -> list[int]:
         """All indices of this epoch, length-grouped, before the split over ranks."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = self.generator()
         order = torch.randperm(self.size, generator=g).tolist()
         step = self.batch_size * self.world_size
         window = step * self.group
@@ -51,11 +44,6 @@ class LengthGroupedSampler(DistributedSampler):
         full = [b for b in batches if len(b) == step]  # a short last batch stays last, as with the plain shuffle
         shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
         return [i for b in shuffled + batches[len(full) :] for i in b]
-
-    def __iter__(self):
-        mine = self.global_order()[self.rank :: self.world_size][: len(self)][self.skip :]
-        self.skip = 0
-        return iter(mine)
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:

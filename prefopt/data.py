@@ -79,10 +79,16 @@ class EpochSeededSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.size // self.world_size
 
+    def generator(self) -> torch.Generator:
+        """The random stream of this (seed, epoch)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def global_order(self) -> list[int]:
+        """All indices of this epoch, before the split over ranks."""
+        return torch.randperm(self.size, generator=self.generator()).tolist()
+
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        mine = order[self.rank :: self.world_size][: len(self)][self.skip :]
+        mine = self.global_order()[self.rank :: self.world_size][: len(self)][self.skip :]
         self.skip = 0
         return iter(mine)
 
@@ -127,6 +133,13 @@ def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
     """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
     digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _with_reference_logps(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Add the pairs' cached reference log-probs (`set_reference_logps`) to a paired batch, when they have them."""
+    if all("ref_logps" in e for e in examples):
+        batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
+    return batch
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -364,9 +377,7 @@ class PreferenceDataModule(L.LightningDataModule):
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         batch = collate_rows(prompts + prompts, completions, self.tokenizer.pad_token_id)
-        if all("ref_logps" in e for e in examples):
-            batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
-        return batch
+        return _with_reference_logps(batch, examples)
 
     def collate_shared_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/prefix_sharing.py."""
@@ -374,9 +385,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
                                      [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)  # fmt: skip
-        if all("ref_logps" in e for e in examples):
-            batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
-        return batch
+        return _with_reference_logps(batch, examples)
 
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [r["prompt_ids"] for r in rows]

@@ -1,6 +1,6 @@
 """DPO training throughput: prefopt vs a minimal PyTorch loop vs TRL's DPOTrainer, on identical work.
 
-    python benchmarks/bench_dpo.py                      # the full table (about 40 minutes on 2 cores)
+    python benchmarks/bench_dpo.py                      # the full CPU table (about 30 minutes on 2 cores)
     python benchmarks/bench_dpo.py --sizes 1m --repeats 1 --contenders prefopt plain   # a quick look
     python benchmarks/bench_dpo.py --profile gpu         # one GPU: a Qwen2.5-0.5B-shaped model, bf16 (see PROFILES)
     python benchmarks/bench_dpo.py merge a.json b.json   # one table from separate invocations (each a repeat)

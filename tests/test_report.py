@@ -12,7 +12,7 @@ import pytest
 
 from prefopt import ranking as rk
 from prefopt import report
-from prefopt.tables import summarize, write_tables
+from prefopt.tables import summarize, t_quantile, write_tables
 
 T_975_2DF = 4.302652729911275  # two-sided 95% Student-t quantile, 2 degrees of freedom (3 seeds)
 
@@ -84,6 +84,22 @@ def test_a_single_seed_has_no_interval():
 
 
 # ---------------------------------------------------------------------------------------------- ranking
+@pytest.mark.parametrize(
+    ("n", "level", "quantile"),
+    # Student-t table values (df = n - 1), two-sided: 95% for df 1, 2, 4, 9, 29, 100; 90% and 99% for df 6.
+    [(2, 0.95, 12.7062), (3, 0.95, 4.3027), (5, 0.95, 2.7764), (10, 0.95, 2.2622), (30, 0.95, 2.0452),
+     (101, 0.95, 1.9840), (7, 0.90, 1.9432), (7, 0.99, 3.7074)],
+)
+def test_t_quantile_matches_the_student_t_table(n, level, quantile):
+    assert t_quantile(n, level) == pytest.approx(quantile, abs=1e-4)
+
+
+def test_t_quantile_is_nan_for_one_value_and_tends_to_the_normal_quantile():
+    assert math.isnan(t_quantile(1))
+    z, df = 1.959964, 20000  # z_0.975; for large df, t = z + (z^3 + z) / (4 df) + O(1 / df^2)
+    assert t_quantile(df + 1) == pytest.approx(z + (z**3 + z) / (4 * df), abs=1e-6)
+
+
 def test_interpolate_is_linear_along_kl_and_never_extrapolates():
     out = rk.interpolate([2.0, 0.5, 1.0], [3.0, 1.0, 2.0], [0.75, 1.5, 0.4, 2.5, 2.0])
     assert out[:2] == pytest.approx([1.5, 2.5])

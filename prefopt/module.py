@@ -235,9 +235,16 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer)."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return connector is None or bool(getattr(connector, "should_update_logs", True))
+        """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer).
+
+        Lightning's own rule, from public attributes: every `log_every_n_steps` optimizer steps (counted from 1; one
+        optimizer here, so global_step counts them), and on the last step; never when log_every_n_steps is 0.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
     def _check_finite(self, loss: Tensor) -> None:
         """Raise on a non-finite loss; the host waits for the device only every `check_finite_every_n_steps`."""

@@ -189,6 +189,26 @@ def test_a_run_with_every_lever_matches_a_run_without(micro_base):
         assert runs[1]["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+def test_step_metrics_are_computed_on_exactly_the_steps_lightning_logs(micro_base, tmp_path, monkeypatch):
+    """Pair metrics are computed only on the steps Lightning writes, and every step it writes has all of them."""
+    import pandas as pd
+
+    import prefopt.module
+
+    computed = []
+    real = prefopt.module.pair_metrics
+    monkeypatch.setattr(prefopt.module, "pair_metrics", lambda *a, **k: computed.append(1) or real(*a, **k))
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
+    cli = main(["fit", "--trainer.max_steps=7", "--trainer.log_every_n_steps=3", "--trainer.val_check_interval=null",
+                "--trainer.limit_val_batches=0", f"--trainer.logger={json.dumps(logger)}"])  # fmt: skip
+    rows = pd.read_csv(Path(cli.trainer.log_dir) / "metrics.csv")
+    train = rows[rows["train/loss"].notna()]
+    assert list(train["step"]) == [2, 5], "Lightning writes every 3rd step (steps numbered from 0)"
+    for name in ("train/margin_nats", "train/accuracy", "train/chosen_logps"):
+        assert train[name].notna().all(), name
+    assert len(computed) == 2, "computed on the 2 written steps of 7, not on every step"
+
+
 def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch):
     poison_loss(monkeypatch, lambda call: call == 2)  # only step 1 is NaN
     with pytest.raises(FloatingPointError, match="within training steps 0-2"):

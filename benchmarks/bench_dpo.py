@@ -269,12 +269,17 @@ def merge(paths: list[str]) -> dict:
     return merged
 
 
+def merge_main(argv: list[str]) -> None:
+    """`bench_dpo.py merge A.json B.json ... [--out M.json]`: print (and save) the merged table."""
+    ap = argparse.ArgumentParser(prog="bench_dpo.py merge", description=merge.__doc__)
+    ap.add_argument("records", nargs="+", help="json files written by bench_dpo.py (--out)")
+    ap.add_argument("--out", default=None, help="write the merged record here")
+    args = ap.parse_args(argv)
+    merged = merge(args.records)
+    if args.out:
+        Path(args.out).write_text(json.dumps(merged, indent=1))
+    print(report(merged))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["merge"]:  # python benchmarks/bench_dpo.py merge A.json B.json ... [--out M.json]
-        files, _, target = " ".join(sys.argv[2:]).partition(" --out ")
-        merged = merge(files.split())
-        if target:
-            Path(target.strip()).write_text(json.dumps(merged, indent=1))
-        print(report(merged))
-    else:
-        main()
+    merge_main(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else main()

@@ -132,7 +132,9 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
     reward there, the best gap over the curve's settings, the curve's KL span and its accuracy (not ranked on)."""
     curves = with_curves(runs)
     lo, hi, left_out = common_kl_range(runs) if len(curves) else (math.nan, math.nan, [])
-    targets = list(np.geomspace(lo, hi, points)) if lo > 0 and hi > lo else []
+    if not (lo > 0 and hi > lo):  # no KL range that every kept curve covers (two disjoint curves): nothing ranked
+        lo, hi, left_out = math.nan, math.nan, list(curves["curve"].unique())
+    targets = list(np.geomspace(lo, hi, points)) if lo > 0 else []
     ranked = curves[~curves["curve"].isin(left_out)]
     scores = per_seed(ranked, targets, frontier).groupby(["curve", "seed"])[["gap", "reward"]].mean()
     settings = [c for c in group_columns(runs) if c.startswith("loss.")]

@@ -108,8 +108,9 @@ def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked:
         print(behind.pivot(index="curve", columns="kl", values="cell").reindex(curves).fillna("-").to_string())
     if len(ranked):
         lo, hi = ranked["matched_kl_lo"].iloc[0], ranked["matched_kl_hi"].iloc[0]
-        print(f"\nRanking by the mean gap to the frontier over KL {lo:.2f}-{hi:.2f} (the range every ranked curve "
-              "and seed covers); lower is better:\n")  # fmt: skip
+        over = f"over KL {lo:.2f}-{hi:.2f} (the range every ranked curve and seed covers)" if pd.notna(lo) else (
+            "at matched KL: none ranked, as no KL range is covered by every seed of two or more curves")
+        print(f"\nRanking by the mean gap to the frontier {over}; lower is better:\n")
         view = pd.DataFrame({
             "rank": [f"{r:.0f}" if pd.notna(r) else "-" for r in ranked["rank"]],
             "curve": ranked["curve"],

@@ -176,6 +176,18 @@ def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked():
     assert math.isnan(ranked.loc["c", "matched_gap.mean"]) and ranked.loc["c", "best_gap.mean"] == pytest.approx(7.0)
 
 
+def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked():
+    """a covers KL 0.1-0.5 and b 2-4: no common range, so no matched gap and no rank, not a rank by best gap."""
+    runs = pd.DataFrame([{"run": f"{c}_{kl}_{i}", "variant": c, "status": "ok", "loss": c, "loss.beta": kl, "seed": i,
+                          rk.KL: kl, rk.REWARD: 1.0, rk.ACCURACY: 0.7, rk.GAP: gap}
+                         for c, kls, gap in (("a", (0.1, 0.5), 0.2), ("b", (2.0, 4.0), 0.1))
+                         for kl in kls for i in range(3)])  # fmt: skip
+    ranked = rk.ranking(runs, frontier=_line_frontier).set_index("curve")
+    assert not ranked["ranked"].any() and ranked["rank"].isna().all()
+    assert ranked["matched_gap.mean"].isna().all() and ranked["matched_kl_lo"].isna().all()
+    assert ranked.loc["b", "best_gap.mean"] == pytest.approx(0.1)  # still reported, not ranked on
+
+
 # ---------------------------------------------------------------------------------------------- report
 def gold_results(folder: Path) -> Path:
     """A results folder with dpo and ipo curves near the real frontier, three seeds each, one failed run."""

@@ -102,6 +102,11 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(GRID_KEYS)}")
     base = raw.get("base") or []
     base = [base] if isinstance(base, str) else base
+    for section in ("set", "axes"):
+        if not isinstance(raw.get(section) or {}, Mapping):
+            raise GridError(f"{path}: {section} must be a mapping of dotted config keys to values, got {raw[section]!r}")
+    if not isinstance(raw.get("variants") or [], list):
+        raise GridError(f"{path}: variants must be a list of mappings, got {raw['variants']!r}")
     fixed = {_key(k, f"{path}: set"): v for k, v in (raw.get("set") or {}).items()}
     axes: dict[str, list[Any]] = {}
     for k, values in (raw.get("axes") or {}).items():
@@ -221,12 +226,41 @@ def expand(grid: Grid) -> list[Run]:
             label = str(variant.get("name") or loss["name"])
             parts = [label] + [f"{short_name(k, shown)}{format_value(values[k])}" for k in shown if k in values]
             runs.append(Run("_".join(parts + [f"seed{seed}"]), label, assigned, tuple(swept), loss, seed))
+    settings: dict[str, dict[str, Any]] = {}  # label -> the fixed settings of the first variant with that label
+    for run in runs:
+        fixed = {k: v for k, v in run.assigned.items() if k not in swept and not k.startswith(LOSS_KEY)}
+        fixed.update({f"{LOSS_KEY}.{k}": v for k, v in run.loss.items() if f"{LOSS_KEY}.{k}" not in swept})
+        if settings.setdefault(run.variant, fixed) != fixed:
+            raise GridError(f"{grid.path}: two variants are both labelled {run.variant!r} but differ in settings "
+                            "that are not swept, so their runs would merge into one curve; give them distinct `name`s")
     seen: dict[str, Run] = {}
     for run in runs:
         if run.name in seen:
             raise GridError(f"{grid.path}: two runs are both named {run.name!r}; give the variants distinct `name`s")
         seen[run.name] = run
     return sorted(runs, key=lambda r: r.seed)  # stable: seed-major keeps each partial grid a set of whole seeds
+
+
+def with_overrides(grid: Grid, items: list[str]) -> Grid:
+    """The grid with command-line `--set KEY=VALUE` items (YAML values) added to its fixed overrides.
+
+    A key the grid's `axes` or `variants` set is an error (those would silently win over it), as is a repeated key.
+    """
+    fixed = dict(grid.fixed)
+    swept = set(grid.axes) | {k for v in grid.variants for k in v if k != "name"}
+    given: set[str] = set()
+    for item in items:
+        raw_key, sep, value = item.partition("=")
+        if not sep:
+            raise GridError(f"--set takes KEY=VALUE, got {item!r}")
+        key = _key(raw_key, "--set")
+        if key in given:
+            raise GridError(f"--set gives {key} twice")
+        if key in swept:
+            raise GridError(f"--set {key}: the grid's `axes` or `variants` already set {key}; change it there")
+        given.add(key)
+        fixed[key] = yaml.safe_load(value)
+    return dataclasses.replace(grid, fixed=fixed)
 
 
 def check_configs(grid: Grid, runs: list[Run]) -> None:
@@ -253,6 +287,7 @@ def check_configs(grid: Grid, runs: list[Run]) -> None:
 
 
 def default_workers() -> int:
+    """The cores this process may use (its CPU affinity): the default number of parallel runs."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -272,13 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
     args = parser.parse_args(argv)
     try:
-        grid = load_grid(args.config)
-        extra = dict(item.split("=", 1) for item in args.set if "=" in item)
-        if len(extra) != len(args.set):
-            raise GridError(f"--set takes KEY=VALUE, got {args.set}")
-        if extra:
-            fixed = {**grid.fixed, **{_key(k, "--set"): yaml.safe_load(v) for k, v in extra.items()}}
-            grid = dataclasses.replace(grid, fixed=fixed)
+        grid = with_overrides(load_grid(args.config), args.set)
         runs = expand(grid)
         if not args.no_check:
             check_configs(grid, runs)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prefopt.grid import ROOT, Grid, Run
+from prefopt.grid import ROOT, Grid, Run, default_workers
 from prefopt.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
                             write_atomic, write_json, write_tables)  # fmt: skip
 
@@ -84,8 +84,7 @@ class GridRunner:
         self.grid, self.runs, self.out = grid, runs, Path(out)
         self.workers = max(1, workers)
         self.launcher = launcher
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = max(1, cores // self.workers) if launcher is None else max(1, int(launcher.num_cpus))
+        self.threads = max(1, default_workers() // self.workers) if launcher is None else max(1, int(launcher.num_cpus))
         self.commit = git_commit()
         self.tty = sys.stderr.isatty()
 
@@ -97,7 +96,7 @@ class GridRunner:
         """run.json: what the grid assigned; `args` decides whether a recorded run is still this run."""
         return {"name": run.name, "variant": run.variant, "assigned": run.assigned, "loss": run.loss,
                 "seed": run.seed, "swept": list(run.swept), "args": run.overrides(self.grid.base),
-                "grid": self.grid.name, "git_commit": self.commit}  # fmt: skip
+                "grid": self.grid.name, "git_commit": self.commit, "root": str(ROOT)}  # fmt: skip
 
     def status(self, run: Run) -> str:
         return run_status(self.run_dir(run), self.spec(run))

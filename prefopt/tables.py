@@ -74,12 +74,24 @@ def run_status(run_dir: Path, spec: Mapping[str, Any] | None = None) -> str:
     recorded = _read_json(run_dir / RUN_FILE)
     if recorded is None:
         return "pending"
-    if spec is not None and recorded.get("args") != spec.get("args"):
+    if spec is not None and portable_args(recorded) != portable_args(spec):
         return "stale"
     if (run_dir / ERROR_FILE).is_file():
         return "failed"
     metrics = _read_json(run_dir / METRICS_FILE)
     return "ok" if metrics and metrics.get("finished") else "unfinished"
+
+
+def portable_args(spec: Mapping[str, Any]) -> list[str]:
+    """A run.json's `args` with the base config paths inside its checkout (`root`) made relative to it, so that a
+    grid rerun from a clone or a moved checkout still recognizes its finished runs."""
+    root = spec.get("root")
+    out = []
+    for arg in spec.get("args") or []:
+        if root and arg.startswith("--config=") and Path(arg[9:]).is_relative_to(root):
+            arg = "--config=" + Path(arg[9:]).relative_to(root).as_posix()
+        out.append(arg)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -99,7 +111,10 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     row.update({k: _flatten(v) for k, v in (spec.get("assigned") or {}).items()
                 if not k.startswith("model.loss") and k != "seed_everything"})  # fmt: skip
     config_path = run_dir / CONFIG_FILE
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    try:  # a config.yaml cut short (a full disk, a hand edit) costs its row the resolved settings, not the table
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        config = {}
     for key in RESOLVED:
         row.setdefault(key, _flatten(lookup(config or {}, key)))
     metrics = _read_json(run_dir / METRICS_FILE) or {}

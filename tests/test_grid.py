@@ -132,12 +132,57 @@ def test_short_names_and_values():
         ({"variants": [{"model.loss.name": "dpoo"}]}, "valid names"),
         ({"axes": {"model.loss.beta": [-1.0]}}, "outside the valid range"),
         ({"axes": {"seed": [0]}, "variants": [{"seed": 1}]}, "already set"),
-        ({"variants": [{"model.loss.beta": 0.1}, {"model.loss.beta": 0.2}]}, "both named"),
+        ({"variants": [{"model.loss.beta": [0.1]}, {"model.loss.beta": [0.1, 0.2]}]}, "both named"),
+        ({"variants": [{"model.loss.beta": 0.1}, {"model.loss.beta": 0.2}]}, "both labelled 'dpo'"),
+        ({"variants": [{"model.loss.name": "ipo", "model.loss.average_log_probs": True, "model.loss.beta": [0.5]},
+                       {"model.loss.name": "ipo", "model.loss.average_log_probs": False, "model.loss.beta": [2.0]}]},
+         "both labelled 'ipo'"),
+        ({"set": [{"trainer.max_steps": 3}]}, "set must be a mapping"),
+        ({"axes": [{"seed": [0, 1]}]}, "axes must be a mapping"),
     ],
 )
 def test_bad_grid_files_fail_before_anything_runs(tmp_path, micro_base, spec, message):
     with pytest.raises(GridError, match=message):
         expand(load_grid(write_grid(tmp_path, spec)))
+
+
+def test_one_loss_swept_over_two_variants_is_one_curve(tmp_path, micro_base):
+    """Same label and the same unswept settings: allowed (one curve whose betas are listed in two places)."""
+    spec = {"variants": [{"model.loss.beta": [0.1, 0.2]}, {"model.loss.beta": [0.5]}]}
+    assert {run.variant for run in expand(load_grid(write_grid(tmp_path, spec)))} == {"dpo"}
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [(["trainer.max_steps"], "KEY=VALUE"), (["trainer.max_steps=3", "trainer.max_steps=4"], "twice"),
+     (["seed=7"], "already set seed_everything"), (["model.loss.beta=0.3"], "already set model.loss.beta")],
+)
+def test_command_line_set_may_not_repeat_or_override_a_swept_key(tmp_path, micro_base, items, message):
+    grid = load_grid(write_grid(tmp_path, {"axes": {"seed": [0, 1]}, "variants": [{"model.loss.beta": [0.1, 0.5]}]}))
+    with pytest.raises(GridError, match=message):
+        grid_mod.with_overrides(grid, items)
+    assert grid_mod.with_overrides(grid, ["trainer.max_steps=3"]).fixed["trainer.max_steps"] == 3
+
+
+def test_a_moved_checkout_still_recognizes_its_finished_runs(tmp_path):
+    """run.json records the checkout's root: base config paths inside it compare relative to it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args = lambda root: ["--config=" + str(Path(root) / "experiments" / "dpo.yaml"), "--seed_everything=0"]  # noqa: E731
+    (run / tables.RUN_FILE).write_text(json.dumps({"root": "/old/checkout", "args": args("/old/checkout")}))
+    (run / tables.METRICS_FILE).write_text(json.dumps({"finished": True}))
+    assert tables.run_status(run, {"root": "/new/place", "args": args("/new/place")}) == "ok"
+    assert tables.run_status(run, {"root": "/new/place", "args": args("/new/place")[:1]}) == "stale"
+
+
+def test_a_cut_short_config_yaml_costs_its_row_the_resolved_settings_not_the_table(tmp_path):
+    run = tmp_path / "runs" / "dpo_seed0"
+    run.mkdir(parents=True)
+    (run / tables.RUN_FILE).write_text(json.dumps({"variant": "dpo", "loss": {"name": "dpo"}, "seed": 0}))
+    (run / tables.METRICS_FILE).write_text(json.dumps({"finished": True, "final": {"val/loss": 0.5}}))
+    (run / tables.CONFIG_FILE).write_text("model: {model: tiny, optimizer: {lr:")  # a partial write
+    row = tables.run_row(run)
+    assert row["status"] == "ok" and row["val/loss"] == 0.5 and row["model.model"] is None
 
 
 def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):

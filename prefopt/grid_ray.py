@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,13 @@ PASSED = ("PREFOPT_CACHE", "PREFOPT_BASE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_TH
 
 def run_command(command: list[str], env: dict[str, str], cwd: str, stdout_path: str, stderr_path: str) -> int:
     """What a Ray task executes on its node: the run's process, with its output in the run's folder."""
+    from prefopt.grid_runner import _die_with_parent
+
     environment = dict(os.environ, **env)
     with open(stdout_path, "ab") as out, open(stderr_path, "wb") as err:
-        return subprocess.run(command, env=environment, cwd=cwd, stdout=out, stderr=err).returncode
+        # A cancelled task's worker is killed outright (ray.cancel force=True): the run must not outlive it.
+        return subprocess.run(command, env=environment, cwd=cwd, stdout=out, stderr=err,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None).returncode  # fmt: skip
 
 
 class RayProcess:
@@ -70,6 +75,11 @@ class RayLauncher:
             raise SystemExit('the ray backend needs Ray: pip install -e ".[ray]"') from err
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        resources = ray.cluster_resources()
+        for name, each in (("CPU", num_cpus), ("GPU", num_gpus)):
+            if each > resources.get(name, 0):  # Ray would queue the first run forever, and silently
+                raise SystemExit(f"error: each run asks for {each:g} {name}s but the Ray cluster has "
+                                 f"{resources.get(name, 0):g}; lower --{name.lower()}s-per-run")  # fmt: skip
         self.task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_command)
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
 

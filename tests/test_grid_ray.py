@@ -39,3 +39,10 @@ def test_a_grid_of_four_real_runs_on_ray_lands_in_the_usual_results_layout(micro
     # Resuming works the same way: nothing left to run, nothing rerun.
     assert grid_mod.main(args) == 0
     assert len(pd.read_csv(out / "runs.csv")) == 4
+
+
+def test_asking_for_gpus_the_cluster_lacks_is_an_error_not_a_hang(local_ray):
+    from prefopt.grid_ray import RayLauncher
+
+    with pytest.raises(SystemExit, match="asks for 1 GPUs but the Ray cluster has 0"):
+        RayLauncher(num_gpus=1)

@@ -6,9 +6,7 @@ Results are files and tables are derived from them (shared/STYLE.md): the grid r
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -16,13 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+from prefopt.tables import write_json
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -87,7 +79,7 @@ class MetricsJson(L.Callback):
                 self.best = dict(final, step=float(trainer.global_step))
         if not finished and final and not any(h.get("step") == trainer.global_step for h in self.history):
             self.history.append(dict(final, step=float(trainer.global_step)))
-        write_json_atomic(path, {
+        write_json({
             "final": final,
             "best": self.best,
             "monitor": self.monitor,
@@ -98,7 +90,7 @@ class MetricsJson(L.Callback):
             "history": self.history,
             "data_hash": self.data_hash,
             "finished": finished,
-        })  # fmt: skip
+        }, path)  # fmt: skip
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

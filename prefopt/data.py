@@ -151,7 +151,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_split: str | None = None,
         val_fraction: float = 0.05,
         columns: dict[str, str] | None = None,
-        format: Literal["auto", "standard", "implicit_prompt", "unpaired"] = "auto",
+        format: formats.Format = "auto",
         assistant_marker: str = "Assistant:",
         chat_template: str | None = None,
         bad_rows: Literal["error", "skip"] = "error",

@@ -37,7 +37,7 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 Structure = Literal["standard", "implicit_prompt", "unpaired"]
-FORMATS = ("auto", "standard", "implicit_prompt", "unpaired")
+Format = Literal["auto", "standard", "implicit_prompt", "unpaired"]  # data.format: "auto" detects the structure
 FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
@@ -156,7 +156,8 @@ def check_label(value: Any, source: str, row: int, column: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- implicit prompts
-def split_text(chosen: str, rejected: str, marker: str, source: str, row: int) -> tuple[str, str, str]:
+def split_text(chosen: str, rejected: str, marker: str, source: str, row: int,
+               columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[str, str, str]:  # fmt: skip
     """(prompt, chosen completion, rejected completion): cut just after the last `marker` in the shared prefix."""
     n = 0
     limit = min(len(chosen), len(rejected))
@@ -164,13 +165,14 @@ def split_text(chosen: str, rejected: str, marker: str, source: str, row: int) -
         n += 1
     cut = chosen.rfind(marker, 0, n)  # the whole marker lies inside the shared prefix
     if cut < 0:
-        raise RowError(f"{source}: row {row}: no {marker!r} in the text shared by chosen and rejected, so the prompt "
-                       "cannot be found; give a prompt column, or set data.assistant_marker")  # fmt: skip
+        raise RowError(f"{source}: row {row}, fields {columns[0]!r} and {columns[1]!r}: no {marker!r} in the text they "
+                       "share, so the prompt cannot be found; give a prompt column, or set data.assistant_marker")  # fmt: skip
     end = cut + len(marker)
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: int) -> tuple[list, list, list]:
+def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: int,
+                   columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[list, list, list]:  # fmt: skip
     """(prompt, chosen, rejected) messages: the longest shared run after which both continue with the assistant."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -179,19 +181,20 @@ def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: i
                          and chosen[n]["role"] == rejected[n]["role"] == "assistant"):  # fmt: skip
         n -= 1
     if n == 0:
-        raise RowError(f"{source}: row {row}: chosen and rejected share no prompt messages followed by an assistant "
-                       "turn in both, so the prompt cannot be found")  # fmt: skip
+        raise RowError(f"{source}: row {row}, fields {columns[0]!r} and {columns[1]!r}: they share no prompt messages "
+                       "followed by an assistant turn in both, so the prompt cannot be found")  # fmt: skip
     return chosen[:n], chosen[n:], rejected[n:]
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
-def render_chat(tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int) -> tuple[str, str]:
+def render_chat(tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int,
+                column: str = "completion") -> tuple[str, str]:  # fmt: skip
     """(prompt text, completion text) from the tokenizer's chat template; the first is a prefix of the whole."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise RowError(
-            f"{source}: row {row}: the chat template's rendering of the prompt (add_generation_prompt=True) is not a "
+            f"{_where(source, row, column)}: the chat template's rendering of the prompt (add_generation_prompt=True) is not a "
             f"prefix of its rendering of the whole conversation, so prompt and completion tokens cannot be separated "
             f"exactly.\n  prompt ends: {prompt_text[-60:]!r}\n  whole has:   "
             f"{full_text[max(0, len(prompt_text) - 60):len(prompt_text)]!r}\nUse a template without that rewriting "
@@ -226,7 +229,8 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
         if layout.structure == "implicit_prompt":
             if comps["chosen"] == comps["rejected"]:
                 return {"identical": True}
-            prompt, comps["chosen"], comps["rejected"] = split_text(*comps.values(), marker, source, row)
+            prompt, comps["chosen"], comps["rejected"] = split_text(*comps.values(), marker, source, row,
+                                                                      (col["chosen"], col["rejected"]))
             for n in names:
                 check_text(comps[n], source, row, col[n], completion=True)
         else:
@@ -236,7 +240,8 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
     if layout.structure == "implicit_prompt":
         if comps["chosen"] == comps["rejected"]:
             return {"identical": True}
-        prompt, comps["chosen"], comps["rejected"] = split_messages(comps["chosen"], comps["rejected"], source, row)
+        prompt, comps["chosen"], comps["rejected"] = split_messages(comps["chosen"], comps["rejected"], source, row,
+                                                                    (col["chosen"], col["rejected"]))
     else:
         prompt = check_messages(values["prompt"], source, row, col["prompt"])
         for n in names:  # completions that repeat the prompt messages: keep only what follows them
@@ -246,7 +251,7 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
         check_completion_messages(comps[n], source, row, col[n])
     if layout.paired and comps["chosen"] == comps["rejected"]:
         return {"identical": True}
-    texts = {n: render_chat(tokenizer, prompt, comps[n], source, row) for n in names}
+    texts = {n: render_chat(tokenizer, prompt, comps[n], source, row, col[n]) for n in names}
     prompt_text = texts[names[0]][0]
     return {**out, "prompt": prompt_text, **{n: t[1] for n, t in texts.items()}, "identical": False}
 

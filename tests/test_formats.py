@@ -59,7 +59,7 @@ def test_text_prompt_is_cut_after_the_last_assistant_marker_of_the_shared_part()
     prompt, c, _ = split_text("\n\nHuman: Hi.\n\nAssistant: Yes.\n\nHuman: Ok?\n\nAssistant: Ok.",
                               "\n\nHuman: Hi.\n\nAssistant: No.", "Assistant:", "src", 0)  # fmt: skip
     assert prompt == "\n\nHuman: Hi.\n\nAssistant:" and c.startswith(" Yes.")
-    with pytest.raises(RowError, match="src: row 3: no 'Assistant:'"):
+    with pytest.raises(RowError, match="src: row 3, fields 'chosen' and 'rejected': no 'Assistant:'"):
         split_text("Q: hi A: yes", "Q: hi A: no", "Assistant:", "src", 3)
 
 
@@ -72,8 +72,8 @@ def test_message_prompt_is_cut_at_a_message_boundary_before_an_assistant_turn():
     u2, u3 = {"role": "user", "content": "x"}, {"role": "user", "content": "y"}
     prompt, c, r = split_messages([USER, a1, u2, follow], [USER, a1, u3, follow], "src", 0)
     assert prompt == [USER] and c == [a1, u2, follow]
-    with pytest.raises(RowError, match="row 5"):
-        split_messages([a1], [a2], "src", 5)
+    with pytest.raises(RowError, match="src: row 5, fields 'good' and 'bad'"):
+        split_messages([a1], [a2], "src", 5, ("good", "bad"))
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_identical_pairs_are_skipped_and_counted(chat_model, tmp_path):
 
 def test_a_template_that_breaks_the_prefix_property_fails_naming_the_row(tmp_path):
     model = save_byte_model(tmp_path / "broken", chat_template=BROKEN_TEMPLATE)
-    with pytest.raises(ValueError, match="row 0: the chat template's rendering of the prompt .* is not a prefix"):
+    with pytest.raises(ValueError, match="row 0, field 'chosen': the chat template's rendering of the prompt .* is not a prefix"):
         _dm(write_jsonl(tmp_path / "m.jsonl", message_rows(8)), model)
 
 

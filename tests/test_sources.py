@@ -44,6 +44,8 @@ def test_bad_sources_are_named(tmp_path):
     write_jsonl(tmp_path / "r.jsonl", ROWS)
     with pytest.raises(ValueError, match="single file, so it has no split 'test'"):
         load_rows(str(tmp_path / "r.jsonl"), split="test")
+    with pytest.raises(FileNotFoundError, match="val_split: no such file: ./val.jsonll"):  # a typo'd validation file
+        load_rows(str(tmp_path / "r.jsonl"), split="./val.jsonll")
     datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "whole.parquet"))
     data = (tmp_path / "whole.parquet").read_bytes()
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])  # a truncated download

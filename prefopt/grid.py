@@ -230,9 +230,11 @@ def expand(grid: Grid) -> list[Run]:
     for run in runs:
         fixed = {k: v for k, v in run.assigned.items() if k not in swept and not k.startswith(LOSS_KEY)}
         fixed.update({f"{LOSS_KEY}.{k}": v for k, v in run.loss.items() if f"{LOSS_KEY}.{k}" not in swept})
-        if settings.setdefault(run.variant, fixed) != fixed:
-            raise GridError(f"{grid.path}: two variants are both labelled {run.variant!r} but differ in settings "
-                            "that are not swept, so their runs would merge into one curve; give them distinct `name`s")
+        first = settings.setdefault(run.variant, fixed)
+        if first != fixed:
+            differ = sorted(k for k in first.keys() | fixed.keys() if first.get(k) != fixed.get(k))
+            raise GridError(f"{grid.path}: two variants are both labelled {run.variant!r} but differ in {differ}, which "
+                            "they do not sweep, so their runs would merge into one curve; give them distinct `name`s")
     seen: dict[str, Run] = {}
     for run in runs:
         if run.name in seen:

@@ -249,7 +249,7 @@ def with_overrides(grid: Grid, items: list[str]) -> Grid:
     A key the grid's `axes` or `variants` set is an error (those would silently win over it), as is a repeated key.
     """
     fixed = dict(grid.fixed)
-    swept = set(grid.axes) | {k for v in grid.variants for k in v if k != "name"}
+    set_by_grid = set(grid.axes) | {k for v in grid.variants for k in v if k != "name"}
     given: set[str] = set()
     for item in items:
         raw_key, sep, value = item.partition("=")
@@ -258,7 +258,7 @@ def with_overrides(grid: Grid, items: list[str]) -> Grid:
         key = _key(raw_key, "--set")
         if key in given:
             raise GridError(f"--set gives {key} twice")
-        if key in swept:
+        if key in set_by_grid:
             raise GridError(f"--set {key}: the grid's `axes` or `variants` already set {key}; change it there")
         given.add(key)
         fixed[key] = yaml.safe_load(value)

@@ -61,7 +61,7 @@ def git_commit(root: Path = ROOT) -> str | None:
     return None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
@@ -142,7 +142,7 @@ class GridRunner:
             return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
         stdout = open(run_dir / "stdout.log", "ab")
         process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)  # fmt: skip
         stdout.close()
         return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
 

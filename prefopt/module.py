@@ -238,7 +238,8 @@ class PreferenceModule(L.LightningModule):
         """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer).
 
         Lightning's own rule, from public attributes: every `log_every_n_steps` optimizer steps (counted from 1; one
-        optimizer here, so global_step counts them), and on the last step; never when log_every_n_steps is 0.
+        optimizer here, so global_step counts them), and when the trainer is stopping (`should_stop`, e.g. early
+        stopping; reaching max_steps does not set it); never when log_every_n_steps is 0.
         """
         trainer = self._trainer
         if trainer is None:

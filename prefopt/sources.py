@@ -32,9 +32,9 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
     builder = _BUILDERS.get(path.suffix)
     if builder is None:
         raise ValueError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
-    if split != "train" and _looks_local(split):  # meant as the path of a validation file
-        raise FileNotFoundError(f"val_split: no such file: {split}")
     if split != "train":
+        if _looks_local(split):  # meant as the path of a validation file
+            raise FileNotFoundError(f"val_split: no such file: {split}")
         raise ValueError(f"{path} is a single file, so it has no split {split!r}: leave val_split unset to hold out "
                          "val_fraction of it, or set val_split to the path of a second file")  # fmt: skip
     try:

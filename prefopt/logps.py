@@ -63,6 +63,8 @@ class _ChunkedLabelLogps(torch.autograd.Function):
 
     Never holds more than (chunk, V) logits, in the forward or the backward (Liger-Kernel's fused linear
     cross-entropy does the same on GPU): d/dz log softmax(z)[y] = onehot(y) - softmax(z).
+    The backward runs its matmuls under the autocast state of the forward (bf16 under bf16-mixed, as autograd does
+    for the unchunked head); the autograd engine would otherwise run them in the weights' fp32.
     """
 
     @staticmethod
@@ -76,6 +78,8 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             out[s : s + chunk] = logits.gather(1, labels[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk = chunk
+        device = hidden.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return out
 
     @staticmethod
@@ -85,18 +89,22 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_h else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         d_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk]
-            logits = F.linear(h, weight, bias).float()  # (c, V), recomputed
-            d_logits = torch.exp(logits - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])  # -softmax * g
-            d_logits.scatter_add_(1, labels[s : s + ctx.chunk, None], g[:, None])  # + onehot * g
-            d_logits = d_logits.to(hidden.dtype)
-            if need_h:
-                d_hidden[s : s + ctx.chunk] = d_logits @ weight
-            if need_w:
-                d_weight.addmm_(d_logits.t().float(), h.float())
-            if need_b:
-                d_bias += d_logits.float().sum(0)
+        compute = ctx.autocast or hidden.dtype
+        with torch.autocast(hidden.device.type, dtype=compute, enabled=ctx.autocast is not None):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk]
+                logits = F.linear(h, weight, bias).float()  # (c, V), recomputed
+                d_logits = torch.exp(logits - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])  # -softmax * g
+                d_logits.scatter_add_(1, labels[s : s + ctx.chunk, None], g[:, None])  # + onehot * g
+                d_logits = d_logits.to(compute)
+                if need_h:
+                    d_hidden[s : s + ctx.chunk] = d_logits @ weight.to(compute)
+                if need_w and compute == torch.float32:
+                    d_weight.addmm_(d_logits.t(), h)
+                elif need_w:
+                    d_weight += (d_logits.t() @ h.to(compute)).float()
+                if need_b:
+                    d_bias += d_logits.float().sum(0)
         d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         d_bias = None if d_bias is None else d_bias.to(bias.dtype)
         return d_hidden, d_weight, d_bias, None, None

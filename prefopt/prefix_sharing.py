@@ -23,8 +23,10 @@ Rows hold one pair each. Packing several pairs into a row (block-diagonal attent
 length 128 (benchmarks/): it removed almost no padding (pairs of 71-183 tokens rarely share a row of the longest
 one's length) and longer rows made attention dearer; `data.group_by_length` is what cuts padding.
 
-Needs an attention backend that takes a custom 4D mask ("sdpa" or "eager"; not flash_attention_2). On a GPU, sdpa
-with a dense mask cannot use its flash kernel; measure before turning it on there.
+Needs an attention backend that takes a custom mask: "sdpa" or "eager" (a dense 4D mask), or "flex_attention" (a
+`BlockMask`, whose kernels skip the 128 x 128 tiles that are fully masked; the paper's choice). Not
+flash_attention_2. On one H100 with a Qwen2.5-0.5B-shaped model, flex_attention trained 1.3-2.0x faster than sdpa
+(benchmarks/README.md). On the CPU, flex_attention has no backward in torch: reference log-probs only.
 
 Deviations from a plain forward, both within float rounding: attention over a masked longer row sums the same terms
 in a different order, and the rejected part's rotary phases are computed for the restarted positions.
@@ -77,25 +79,36 @@ def collate_shared_pairs(
     }
 
 
+def _attends(q_part: Tensor, k_part: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """May a query (part, position) attend to a key? Parts: 0 prompt, 1 chosen, 2 rejected, 3 padding."""
+    allowed = (q_pos >= k_pos) & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
+    return allowed | ((q_part == 3) & (q_pos == k_pos))  # padding rows attend to themselves only
+
+
 def shared_attention_mask(batch: dict[str, Tensor]) -> Tensor:
     """Boolean (B, 1, T, T) mask, True where a query may attend to a key (see the module docstring)."""
     part = batch["part_ids"]  # (B, T)
     pos = torch.arange(part.shape[1], device=part.device)
-    causal = pos[None, :, None] >= pos[None, None, :]  # (1, T, T)
-    q_part, k_part = part[:, :, None], part[:, None, :]
-    allowed = causal & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
-    allowed |= (q_part == 3) & (pos[:, None] == pos[None, :])  # padding rows attend to themselves only
-    return allowed.unsqueeze(1)
+    return _attends(part[:, :, None], part[:, None, :], pos[None, :, None], pos[None, None, :]).unsqueeze(1)
 
 
-def _mask_for(model: nn.Module, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """The mask in the form the model's attention backend reads: boolean for sdpa, additive float for eager."""
+def _mask_for(model: nn.Module, batch: dict[str, Tensor], dtype: torch.dtype):
+    """The mask in the form the model's attention backend reads: boolean for sdpa, additive float for eager, a
+    block-sparse `BlockMask` for flex_attention (whose kernels skip the fully masked 128 x 128 tiles)."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        part = batch["part_ids"]
+        b, t = part.shape
+        return create_block_mask(lambda b, h, q, k: _attends(part[b, q], part[b, k], q, k), b, None, t, t,
+                                 device=part.device)  # fmt: skip
+    mask = shared_attention_mask(batch)
     if impl == "sdpa":
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"prompt sharing needs attention 'sdpa' or 'eager' (a custom 4D mask), not {impl!r}")
+    raise ValueError(f"prompt sharing needs attention 'sdpa', 'eager' or 'flex_attention' (a custom mask), not {impl!r}")
 
 
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
@@ -105,7 +118,7 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
     `chunk_size`: rows of the LM head computed at a time (`prefopt.logps.label_logps_from_hidden`).
     """
     dtype = next(model.parameters()).dtype
-    mask = _mask_for(model, shared_attention_mask(batch), dtype)
+    mask = _mask_for(model, batch, dtype)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
     parts = decoder_and_head(model)
     if parts is None:  # a model with extra logit processing: full logits, then pick the predicting positions

@@ -107,24 +107,29 @@ def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked:
         print("\nBehind the best curve at that KL (its reward minus this curve's, paired by seed; ± 95% CI):\n")
         print(behind.pivot(index="curve", columns="kl", values="cell").reindex(curves).fillna("-").to_string())
     if len(ranked):
-        lo, hi = ranked["matched_kl_lo"].iloc[0], ranked["matched_kl_hi"].iloc[0]
-        over = f"over KL {lo:.2f}-{hi:.2f} (the range every ranked curve and seed covers)" if pd.notna(lo) else (
-            "at matched KL: none ranked, as no KL range is covered by every seed of two or more curves")
-        print(f"\nRanking by the mean gap to the frontier {over}; lower is better:\n")
-        view = pd.DataFrame({
-            "rank": [f"{r:.0f}" if pd.notna(r) else "-" for r in ranked["rank"]],
-            "curve": ranked["curve"],
-            "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
-            "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
-            "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
-            "at": ranked["best_gap.setting"],
-            "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
-            "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],
-        })  # fmt: skip
-        print(view.to_string(index=False))
-        left_out = ranked.loc[~ranked["ranked"].astype(bool), "curve"].tolist()
-        if left_out:
-            print(f"\nNot ranked (their KL never meets the common range): {', '.join(left_out)}")
+        print_ranking(ranked)
+
+
+def print_ranking(ranked: pd.DataFrame) -> None:
+    """The ranking table (`prefopt.ranking.ranking`), with the KL range it is over and the curves left out of it."""
+    lo, hi = ranked["matched_kl_lo"].iloc[0], ranked["matched_kl_hi"].iloc[0]
+    over = f"over KL {lo:.2f}-{hi:.2f} (the range every ranked curve and seed covers)" if pd.notna(lo) else (
+        "at matched KL: none ranked, as no KL range is covered by every seed of two or more curves")
+    print(f"\nRanking by the mean gap to the frontier {over}; lower is better:\n")
+    view = pd.DataFrame({
+        "rank": [f"{r:.0f}" if pd.notna(r) else "-" for r in ranked["rank"]],
+        "curve": ranked["curve"],
+        "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
+        "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
+        "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
+        "at": ranked["best_gap.setting"],
+        "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
+        "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],
+    })  # fmt: skip
+    print(view.to_string(index=False))
+    left_out = ranked.loc[~ranked["ranked"].astype(bool), "curve"].tolist()
+    if left_out and pd.notna(lo):  # with no common range at all, the line above already says why none is ranked
+        print(f"\nNot ranked (their KL never meets the common range): {', '.join(left_out)}")
 
 
 def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,

@@ -163,7 +163,7 @@ def test_ranking_uses_the_common_kl_range_and_paired_differences():
     assert ranked.loc["b", "accuracy.min"] == pytest.approx(0.75)  # reported, not ranked on
 
 
-def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked():
+def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked(capsys):
     """c lives at KL 6-9, beyond a (0.5-2) and b (0.4-3): ranking a and b over 0.5-2.0 beats no range at all."""
     far = pd.DataFrame([{"run": f"c_{beta}_{i}", "variant": "c", "status": "ok", "loss": "simpo", "loss.beta": beta,
                          "seed": i, rk.KL: kl, rk.REWARD: 2.0 + i / 10, rk.ACCURACY: 0.7, rk.GAP: 7.0}
@@ -174,9 +174,12 @@ def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked():
     assert list(ranked.index) == ["a", "b", "c"] and ranked.loc["a", "rank"] == 1
     assert not ranked.loc["c", "ranked"] and math.isnan(ranked.loc["c", "rank"])
     assert math.isnan(ranked.loc["c", "matched_gap.mean"]) and ranked.loc["c", "best_gap.mean"] == pytest.approx(7.0)
+    report.print_ranking(rk.ranking(runs, frontier=_line_frontier))
+    printed = capsys.readouterr().out
+    assert "over KL 0.50-2.00" in printed and printed.rstrip().endswith("Not ranked (their KL never meets the common range): c")
 
 
-def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked():
+def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked(capsys):
     """a covers KL 0.1-0.5 and b 2-4: no common range, so no matched gap and no rank, not a rank by best gap."""
     runs = pd.DataFrame([{"run": f"{c}_{kl}_{i}", "variant": c, "status": "ok", "loss": c, "loss.beta": kl, "seed": i,
                           rk.KL: kl, rk.REWARD: 1.0, rk.ACCURACY: 0.7, rk.GAP: gap}
@@ -186,6 +189,9 @@ def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked():
     assert not ranked["ranked"].any() and ranked["rank"].isna().all()
     assert ranked["matched_gap.mean"].isna().all() and ranked["matched_kl_lo"].isna().all()
     assert ranked.loc["b", "best_gap.mean"] == pytest.approx(0.1)  # still reported, not ranked on
+    report.print_ranking(rk.ranking(runs, frontier=_line_frontier))
+    printed = capsys.readouterr().out
+    assert "none ranked, as no KL range is covered" in printed and "Not ranked" not in printed  # no common range to name
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 for contender in contenders:
                     before = wait_until_quiet(args.quiet_below, args.max_wait)
-                    log = Path(args.logs or Path(args.workdir) / "logs") / f"{rep}-{size}-{mode}-{contender}.log"
+                    name = contender.replace("[", "-").rstrip("]")  # prefopt[base] -> prefopt-base: a plain file name
+                    log = Path(args.logs or Path(args.workdir) / "logs") / f"{rep}-{size}-{mode}-{name}.log"
                     r = run_one(contender, inputs[size], mode, args.warmup, steps[size], args.batch, args.threads,
                                 variants.get(contender, []), log, args.run_timeout)  # fmt: skip
                     if r is None:

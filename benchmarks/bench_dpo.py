@@ -49,7 +49,9 @@ PROFILES = {
             # within 500 s (compiling policy and reference, dynamic shapes), longer than all the others together.
             # The LM head in chunks of 4,096 rows: at batch 16 the one-piece (rows, 151,936) fp32 logits ran out of
             # the H100's 80 GB (so do the plain loop's, which has no such switch; TRL's fit in 60 GB).
-            "prefopt_args": "--model.compile=false --model.logps_chunk_size=4096"},
+            "prefopt_args": "--model.compile=false --model.logps_chunk_size=4096",
+            # prompt sharing's mask as a BlockMask (skips fully masked tiles): 2.0x sdpa live (benchmarks/README.md)
+            "prefopt_variant": ["flex=--model.attn_implementation=flex_attention"]},
 }
 
 
@@ -174,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contenders", nargs="+", default=["prefopt", "plain", "trl"], choices=["prefopt", "plain", "trl"])
     ap.add_argument("--prefopt-variant", action="append", default=None, metavar="NAME=ARGS",
                     help="an extra prefopt contender 'prefopt[NAME]' with these CLI overrides (space-separated), "
-                         f"e.g. 'eager=--model.compile=false'; repeatable; default: '{BASE_VARIANT}' (configs/base.yaml's "
-                         "speed settings); 'none' for no variant")
+                         "e.g. 'eager=--model.compile=false'; repeatable; default: the profile's (gpu: "
+                         f"flex_attention), else '{BASE_VARIANT}' (configs/base.yaml's speed settings); 'none' for "
+                         "no variant")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the clock starts")
     ap.add_argument("--steps", nargs="+", default=None, help="timed steps per size, SIZE=N")
@@ -199,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     contenders = list(args.contenders)
     common = PROFILES[args.profile].get("prefopt_args", "").split()
     variants = {"prefopt": common}
-    for v in [BASE_VARIANT] if args.prefopt_variant is None else [v for v in args.prefopt_variant if v != "none"]:
+    for v in args.prefopt_variant or [BASE_VARIANT]:
+        if v == "none":
+            continue
         name, _, extra = v.partition("=")
         variants[f"prefopt[{name}]"] = common + extra.split()
     at = contenders.index("prefopt") + 1 if "prefopt" in contenders else 0

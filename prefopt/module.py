@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from prefopt.logps import (
     completion_token_logps, decoder_and_head, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps,
 )
-from prefopt.prefix_sharing import shared_token_logps
+from prefopt.prefix_sharing import MASK_BACKENDS, shared_token_logps
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
 from prefopt.lora import LoraOptions, attach_lora, trainable_keys
@@ -114,11 +114,7 @@ class PreferenceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        trainer = self._trainer
-        flex = self.hparams.attn_implementation == "flex_attention"
-        if flex and trainer is not None and trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu":
-            raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
-                             "flex_attention backward there): use sdpa, or a GPU")  # fmt: skip
+        self._check_attention()
         kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation,
                   "device": self._load_device()}  # fmt: skip
         policy = load_causal_lm(self.hparams.model, **kwargs)
@@ -137,10 +133,23 @@ class PreferenceModule(L.LightningModule):
                     parts = decoder_and_head(model)
                     (model if parts is None else parts[0]).compile(dynamic=True)
 
+    def _check_attention(self) -> None:
+        """Attention settings that would fail only at the first step, refused before any model is loaded."""
+        attn, trainer = self.hparams.attn_implementation, self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if attn not in (None, *MASK_BACKENDS) and getattr(getattr(datamodule, "hparams", None), "share_prompt", False):
+            raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
+                             f"custom attention mask), not {attn!r}; or set data.share_prompt: false")  # fmt: skip
+        fits_on_cpu = trainer is not None and trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu"
+        if attn == "flex_attention" and fits_on_cpu:
+            raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
+                             "flex_attention backward there): use sdpa, or a GPU")  # fmt: skip
+
     def _load_device(self) -> torch.device | None:
         """The accelerator to load both models onto directly, where the strategy keeps whole models (one device,
-        DDP); None (the CPU, then moved by Lightning) otherwise. Loading on the host first made a GPU run of two
-        0.5B models peak at 9.7 GB of host memory (benchmarks/README.md)."""
+        DDP); None (the CPU, then moved by Lightning) otherwise. Loaded on the host, both fp32 copies would sit
+        there first (4 GB for two 0.5B models); loaded directly, a 0.5B GPU run held 1.3 GB of host memory when
+        training started (benchmarks/README.md)."""
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
         strategy = getattr(self._trainer, "strategy", None)

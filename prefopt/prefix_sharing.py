@@ -79,6 +79,9 @@ def collate_shared_pairs(
     }
 
 
+MASK_BACKENDS = ("sdpa", "eager", "flex_attention")  # attention implementations that take the shared layout's mask
+
+
 def _attends(q_part: Tensor, k_part: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """May a query (part, position) attend to a key? Parts: 0 prompt, 1 chosen, 2 rejected, 3 padding."""
     allowed = (q_pos >= k_pos) & (q_part != 3) & (k_part != 3) & ~((q_part == 2) & (k_part == 1))
@@ -108,7 +111,7 @@ def _mask_for(model: nn.Module, batch: dict[str, Tensor], dtype: torch.dtype):
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"prompt sharing needs attention 'sdpa', 'eager' or 'flex_attention' (a custom mask), not {impl!r}")
+    raise ValueError(f"prompt sharing needs attention {' / '.join(MASK_BACKENDS)} (a custom mask), not {impl!r}")
 
 
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:

@@ -94,12 +94,16 @@ def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, 
     _sharing_matches_standard(model, _dm(micro_model, micro_pairs), grads=False)
 
 
-def test_flex_attention_training_on_the_cpu_is_refused_before_loading(micro_base, monkeypatch):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.attn_implementation=flex_attention"], "flex_attention cannot train on the CPU"),
+    (["--model.attn_implementation=flash_attention_2", "--data.share_prompt=true"], "share_prompt needs .*not 'flash"),
+])  # fmt: skip
+def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monkeypatch, args, message):
     import prefopt.module
 
     monkeypatch.setattr(prefopt.module, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model first"))
-    with pytest.raises(ValueError, match="flex_attention cannot train on the CPU"):
-        main(["fit", "--model.attn_implementation=flex_attention"])
+    with pytest.raises(ValueError, match=message):
+        main(["fit", *args])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")

@@ -136,8 +136,9 @@ class PreferenceModule(L.LightningModule):
     def _check_attention(self) -> None:
         """Attention settings that would fail only at the first step, refused before any model is loaded."""
         attn, trainer = self.hparams.attn_implementation, self._trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        if attn not in (None, *MASK_BACKENDS) and getattr(getattr(datamodule, "hparams", None), "share_prompt", False):
+        data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        shared = data.get("share_prompt", False) and not data.get("unpaired", False)  # unpaired rows are not shared
+        if attn not in (None, *MASK_BACKENDS) and shared:
             raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
                              f"custom attention mask), not {attn!r}; or set data.share_prompt: false")  # fmt: skip
         fits_on_cpu = trainer is not None and trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu"

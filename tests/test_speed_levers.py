@@ -106,6 +106,17 @@ def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monke
         main(["fit", *args])
 
 
+def test_unpaired_training_takes_any_attention_with_share_prompt_on(micro_base, monkeypatch):
+    """Unpaired rows (KTO: data.unpaired follows the loss) are never prompt-shared, so flash_attention_2 passes the
+    check and the run goes on to load."""
+    import prefopt.module
+
+    monkeypatch.setattr(prefopt.module, "load_causal_lm", lambda *a, **k: pytest.fail("loading"))
+    with pytest.raises(pytest.fail.Exception, match="loading"):
+        main(["fit", "--model.attn_implementation=flash_attention_2", "--data.share_prompt=true",
+              "--model.loss={name: kto}"])  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
 def test_prompt_sharing_under_flex_attention_gives_the_same_gradients_on_cuda(micro_model, micro_pairs):
     model = load_causal_lm(str(micro_model), attn_implementation="flex_attention", device=torch.device("cuda"))

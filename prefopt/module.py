@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from prefopt.logps import (
     completion_token_logps, decoder_and_head, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps,
 )
-from prefopt.prefix_sharing import MASK_BACKENDS, shared_token_logps
+from prefopt.prefix_sharing import MASK_BACKENDS, shared_token_logps, trim_last_layer
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
 from prefopt.lora import LoraOptions, attach_lora, trainable_keys
@@ -58,6 +58,7 @@ class PreferenceModule(L.LightningModule):
         logps_chunk_size: int | None = None,
         check_finite_every_n_steps: int = 1,
         compile: bool = False,
+        trim_last_layer: bool = False,
     ) -> None:
         """
         Args:
@@ -88,6 +89,9 @@ class PreferenceModule(L.LightningModule):
                 element-wise work between matmuls. Pays on CPU from ~1M parameters once a run has more than a few
                 dozen steps (compiling takes ~15-60 s); needs a C++ compiler. Not yet for GPU runs: a first try on a
                 0.5B model had not finished its warm-up after 500 s (benchmarks/README.md).
+            trim_last_layer: with prompt-shared batches, the last decoder layer runs its MLP only at the positions
+                whose log-probs are read, not at the prompt or padding (Llama-structured layers; others unchanged;
+                `prefopt.prefix_sharing.trim_last_layer`).
         """
         super().__init__()
         if warmup_steps < 0:
@@ -127,6 +131,9 @@ class PreferenceModule(L.LightningModule):
             self.policy, reference = attach_lora(policy, self.lora)
             self.policy.train()
             self._reference = [reference]
+        if self.hparams.trim_last_layer:  # before compiling, which then traces the trimmed layer
+            for model in (self.policy, self._reference[0]):
+                trim_last_layer(model)
         if self.hparams.compile:  # in place: the decoder stacks (a LoRA reference view shares the policy's)
             for model in (self.policy, self._reference[0]):
                 if isinstance(model, torch.nn.Module):
@@ -141,10 +148,10 @@ class PreferenceModule(L.LightningModule):
         if attn not in (None, *MASK_BACKENDS) and shared:
             raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
                              f"custom attention mask), not {attn!r}; or set data.share_prompt: false")  # fmt: skip
-        fits_on_cpu = trainer is not None and trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu"
-        if attn == "flex_attention" and fits_on_cpu:
-            raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
-                             "flex_attention backward there): use sdpa, or a GPU")  # fmt: skip
+        if attn == "flex_attention" and trainer is not None:
+            if trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu":
+                raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
+                                 "flex_attention backward there): use sdpa, or a GPU")  # fmt: skip
 
     def _load_device(self) -> torch.device | None:
         """The accelerator to load both models onto directly, where the strategy keeps whole models (one device,

@@ -50,7 +50,8 @@ def collate_shared_pairs(
     the loss, in the standard per-token layout of 2B rows (chosen rows then rejected rows, in pair order,
     completions left-aligned): completion_mask (2B, L + 1), 1 on columns 1..C (chosen rows) or 1..R (rejected rows)
     and 0 in column 0, so that completion_mask[:, 1:] marks the (2B, L) label slots as in `prefopt.logps`; and, in
-    the row-major order of those slots, pred_index (n,) into the flattened (B * T) positions and labels (n,).
+    the row-major order of those slots, pred_index (n,) into the flattened (B * T) positions and labels (n,); and
+    read_rows, the distinct positions of pred_index, sorted (the last prompt token predicts both first tokens).
     """
     b = len(prompts)
     width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
@@ -75,6 +76,7 @@ def collate_shared_pairs(
         "part_ids": part_ids,
         "completion_mask": F.pad(label_mask.long(), (1, 0)),
         "pred_index": torch.cat(chosen_pred + rejected_pred),
+        "read_rows": torch.cat(chosen_pred + rejected_pred).unique(),
         "labels": torch.tensor([t for c in chosen for t in c] + [t for r in rejected for t in r], dtype=torch.long),
     }
 
@@ -114,6 +116,44 @@ def _mask_for(model: nn.Module, batch: dict[str, Tensor], dtype: torch.dtype):
     raise ValueError(f"prompt sharing needs attention {' / '.join(MASK_BACKENDS)} (a custom mask), not {impl!r}")
 
 
+# Decoder layers whose forward is exactly h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
+TRIMMABLE_LAYERS = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer",
+                              "GemmaDecoderLayer"})  # fmt: skip
+
+
+def trim_last_layer(model: nn.Module) -> bool:
+    """Let the model's last decoder layer run its MLP only at the rows a prompt-shared batch reads.
+
+    The LM head reads the last hidden state at the C + R predicting positions alone (`pred_index`). At the other
+    positions (the prompt but its last token, padding) the last layer's output feeds nothing. Its attention still
+    runs everywhere, since the predicting positions attend to every earlier key and value; its MLP, most of a
+    layer's work, then runs at the read rows only. The layer takes them as `read_rows` (flat indices into B x T),
+    passed through the decoder's keyword arguments; without them (generation, the standard layout) it runs as
+    before. `read_rows` must hold each row once (`collate_shared_pairs` gives them): a repeated row would get its
+    gradient twice. Returns whether the last layer was patched: only layers of Llama's structure
+    (TRIMMABLE_LAYERS) are.
+    """
+    parts = decoder_and_head(model)
+    layers = getattr(parts[0], "layers", None) if parts is not None else None
+    if not layers or type(layers[-1]).__name__ not in TRIMMABLE_LAYERS:
+        return False
+    last = layers[-1]
+    full = last.forward
+
+    def forward(hidden_states: Tensor, read_rows: Tensor | None = None, **kwargs) -> Tensor:  # as the decoder calls it
+        if read_rows is None:
+            return full(hidden_states, **kwargs)
+        attended, _ = last.self_attn(hidden_states=last.input_layernorm(hidden_states), **kwargs)
+        flat = (hidden_states + attended).flatten(0, 1)  # (B * T, H)
+        read = flat[read_rows]
+        read = read + last.mlp(last.post_attention_layernorm(read))
+        return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
+
+    last.forward = forward
+    last.reads_selected_rows = True
+    return True
+
+
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
     """Per-token completion log-probs (2B, L) of a prompt-shared batch, aligned with batch["completion_mask"][:, 1:].
 
@@ -129,6 +169,8 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
         values = torch.gather(logits.float(), 1, batch["labels"][:, None]).squeeze(1) - logits.float().logsumexp(-1)
     else:
         decoder, head = parts
+        if getattr(getattr(decoder, "layers", [None])[-1], "reads_selected_rows", False):  # trim_last_layer
+            inputs["read_rows"] = batch["read_rows"]
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden.flatten(0, 1)[batch["pred_index"]]  # (n, H)
         values = label_logps_from_hidden(picked, head.weight, batch["labels"], head.bias, chunk_size)  # (n,)

@@ -21,7 +21,7 @@ from prefopt.logps import completion_token_logps, forward_logits, label_logps_fr
 from prefopt.losses import LossConfig
 from prefopt.models import load_causal_lm
 from prefopt.module import PreferenceModule
-from prefopt.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps
+from prefopt.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps, trim_last_layer
 
 RECORD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_chosen_shared_logps",
                  "policy_rejected_shared_logps", "chosen_lengths", "rejected_lengths")  # fmt: skip
@@ -85,6 +85,28 @@ def _sharing_matches_standard(model, dm, grads: bool) -> None:
 def test_prompt_sharing_gives_the_same_record_and_gradients(micro_model, micro_pairs, attn):
     model = load_causal_lm(str(micro_model), attn_implementation=attn)
     _sharing_matches_standard(model, _dm(micro_model, micro_pairs), grads=True)
+
+
+def test_trimmed_last_layer_gives_the_same_record_and_gradients_with_its_mlp_on_the_read_rows_only(micro_model,
+                                                                                                micro_pairs):
+    """trim_last_layer: the last layer's MLP sees only the distinct predicting positions, and nothing changes."""
+    dm = _dm(micro_model, micro_pairs)
+    model = load_causal_lm(str(micro_model))
+    assert trim_last_layer(model)
+    rows = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    _sharing_matches_standard(model, dm, grads=True)
+    shared = dm.collate_shared_pairs(dm.train_examples[:5])
+    n_read = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) - 1 for e in dm.train_examples[:5])
+    assert len(shared["read_rows"]) == n_read == len(shared["pred_index"]) - 5  # each last prompt token once
+    assert rows[-1] == n_read < shared["input_ids"].numel()  # the shared pass; the standard one ran every row
+    assert rows[0] == 10 * dm.collate_pairs(dm.train_examples[:5])["input_ids"].shape[1]
+
+
+def test_only_llama_structured_layers_are_trimmed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert not trim_last_layer(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32)))
 
 
 def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, micro_pairs):
@@ -255,9 +277,12 @@ def test_data_module_flags_build_shared_and_length_grouped_batches(micro_model, 
 
 
 def test_a_run_with_every_lever_matches_a_run_without(micro_base):
-    """Same batches (no length grouping), so the same run: prompt sharing and chunked log-probs change no number."""
+    """Same batches (no length grouping), so the same run: prompt sharing, chunked log-probs and the trimmed last
+    layer change no number."""
     runs = []
-    for args in ([], ["--data.share_prompt=true", "--model.logps_chunk_size=3", "--model.check_finite_every_n_steps=2"]):
+    every_lever = ["--data.share_prompt=true", "--model.logps_chunk_size=3", "--model.check_finite_every_n_steps=2",
+                   "--model.trim_last_layer=true"]  # fmt: skip
+    for args in ([], every_lever):
         cli = main(["fit", "--data.share_prompt=false", "--model.reference_cache=false", *args])
         runs.append(json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text()))
     for key, value in runs[0]["final"].items():
@@ -292,7 +317,8 @@ def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_pairs):
-    """torch.compile (model.compile) changes no number beyond float rounding, on a prompt-shared batch.
+    """torch.compile (model.compile), with the trimmed last layer traced into it, changes no number beyond float
+    rounding, on a prompt-shared batch.
 
     SimPO (reference-free) so that only the policy compiles (~20 s on 2 cores; the reference is the same decoder).
     """
@@ -300,7 +326,8 @@ def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_p
     batch = dm.collate_shared_pairs(dm.train_examples[:4])
     losses, grads = [], []
     for compile in (False, True):
-        module = PreferenceModule(model=str(micro_model), loss=LossConfig("simpo"), compile=compile)
+        module = PreferenceModule(model=str(micro_model), loss=LossConfig("simpo"), compile=compile,
+                                  trim_last_layer=compile)  # compiled and trimmed against neither  # fmt: skip
         module.configure_model()
         with torch.no_grad():  # move the policy off its reference so that the loss has a gradient to compare
             for p in module.policy.parameters():

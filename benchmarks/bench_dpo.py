@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     contenders = list(args.contenders)
     common = PROFILES[args.profile].get("prefopt_args", "").split()
     variants = {"prefopt": common}
-    for v in args.prefopt_variant or [BASE_VARIANT]:
+    for v in args.prefopt_variant or [BASE_VARIANT]:  # the profile's own filled in above, where it has one
         if v == "none":
             continue
         name, _, extra = v.partition("=")

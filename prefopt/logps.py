@@ -91,14 +91,15 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         d_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         compute = ctx.autocast or hidden.dtype
         with torch.autocast(hidden.device.type, dtype=compute, enabled=ctx.autocast is not None):
+            w = weight.to(compute)  # once: autocast caches no casts with grad mode off, as in a backward
             for s in range(0, hidden.shape[0], ctx.chunk):
                 h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk]
-                logits = F.linear(h, weight, bias).float()  # (c, V), recomputed
+                logits = F.linear(h, w, bias).float()  # (c, V), recomputed
                 d_logits = torch.exp(logits - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])  # -softmax * g
                 d_logits.scatter_add_(1, labels[s : s + ctx.chunk, None], g[:, None])  # + onehot * g
                 d_logits = d_logits.to(compute)
                 if need_h:
-                    d_hidden[s : s + ctx.chunk] = d_logits @ weight.to(compute)
+                    d_hidden[s : s + ctx.chunk] = d_logits @ w
                 if need_w and compute == torch.float32:
                     d_weight.addmm_(d_logits.t(), h)
                 elif need_w:

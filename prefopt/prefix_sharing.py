@@ -34,6 +34,8 @@ in a different order, and the rejected part's rotary phases are computed for the
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -130,28 +132,30 @@ def trim_last_layer(model: nn.Module) -> bool:
     layer's work, then runs at the read rows only. The layer takes them as `read_rows` (flat indices into B x T),
     passed through the decoder's keyword arguments; without them (generation, the standard layout) it runs as
     before. `read_rows` must hold each row once (`collate_shared_pairs` gives them): a repeated row would get its
-    gradient twice. Returns whether the last layer was patched: only layers of Llama's structure
-    (TRIMMABLE_LAYERS) are.
+    gradient twice. Under gradient checkpointing (training) the layer runs whole, checkpointed as before. Returns
+    whether the last layer was patched: only layers of Llama's structure (TRIMMABLE_LAYERS) are. The patch lives
+    on the layer instance: state_dict, save_pretrained and deepcopy keep working; a whole pickled model would not
+    unpickle (save its state_dict instead).
     """
     parts = decoder_and_head(model)
     layers = getattr(parts[0], "layers", None) if parts is not None else None
     if not layers or type(layers[-1]).__name__ not in TRIMMABLE_LAYERS:
         return False
     last = layers[-1]
-    full = last.forward
-
-    def forward(hidden_states: Tensor, read_rows: Tensor | None = None, **kwargs) -> Tensor:  # as the decoder calls it
-        if read_rows is None:
-            return full(hidden_states, **kwargs)
-        attended, _ = last.self_attn(hidden_states=last.input_layernorm(hidden_states), **kwargs)
-        flat = (hidden_states + attended).flatten(0, 1)  # (B * T, H)
-        read = flat[read_rows]
-        read = read + last.mlp(last.post_attention_layernorm(read))
-        return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
-
-    last.forward = forward
+    last.forward = types.MethodType(_trimmed_forward, last)  # bound to the layer: a deepcopy rebinds to the copy
     last.reads_selected_rows = True
     return True
+
+
+def _trimmed_forward(self: nn.Module, hidden_states: Tensor, read_rows: Tensor | None = None, **kwargs) -> Tensor:
+    """The last layer's forward with its MLP at `read_rows` only (see `trim_last_layer`); otherwise the class's."""
+    if read_rows is None or (self.training and getattr(self, "gradient_checkpointing", False)):
+        return type(self).forward(self, hidden_states, **kwargs)  # checkpointing wraps the class's forward
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    flat = (hidden_states + attended).flatten(0, 1)  # (B * T, H)
+    read = flat[read_rows]
+    read = read + self.mlp(self.post_attention_layernorm(read))
+    return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
 
 
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:

@@ -104,9 +104,35 @@ def test_trimmed_last_layer_gives_the_same_record_and_gradients_with_its_mlp_on_
 
 
 def test_only_llama_structured_layers_are_trimmed():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """Olmo2 has `layers` too, but normalizes after attention and MLP: left alone. GPT-2 has no `layers`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Olmo2Config, Olmo2ForCausalLM
 
+    olmo = Olmo2ForCausalLM(Olmo2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2))  # fmt: skip
+    assert len(olmo.model.layers) == 2 and not trim_last_layer(olmo)
     assert not trim_last_layer(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32)))
+
+
+def test_a_trimmed_layer_runs_whole_under_gradient_checkpointing_and_its_copy_computes_with_its_own_weights(
+        micro_model, micro_pairs):  # fmt: skip
+    import copy
+
+    from prefopt.models import enable_gradient_checkpointing
+
+    dm = _dm(micro_model, micro_pairs)
+    batch = dm.collate_shared_pairs(dm.train_examples[:5])
+    model = load_causal_lm(str(micro_model)).train()
+    enable_gradient_checkpointing(model)
+    assert trim_last_layer(model)
+    rows = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    shared_token_logps(model, batch).sum().backward()
+    assert rows and all(n == batch["input_ids"].numel() for n in rows)  # every row, checkpointed as before
+    copied = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        before = shared_token_logps(copied, batch)
+        copied.model.layers[-1].mlp.down_proj.weight.zero_()  # the copy's own last MLP, not the original's
+        assert not torch.allclose(shared_token_logps(copied, batch), before)
 
 
 def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, micro_pairs):

@@ -133,14 +133,19 @@ def trim_last_layer(model: nn.Module) -> bool:
     passed through the decoder's keyword arguments; without them (generation, the standard layout) it runs as
     before. `read_rows` must hold each row once (`collate_shared_pairs` gives them): a repeated row would get its
     gradient twice. Under gradient checkpointing (training) the layer runs whole, checkpointed as before. Returns
-    whether the last layer was patched: only layers of Llama's structure (TRIMMABLE_LAYERS) are. The patch lives
+    whether the last layer was patched: only transformers' own (5.x) layers of Llama's structure are. The patch lives
     on the layer instance: state_dict, save_pretrained and deepcopy keep working; a whole pickled model would not
     unpickle (save its state_dict instead).
     """
+    from transformers import __version__
+
+    if int(__version__.split(".")[0]) < 5:  # before 5.x, layers returned tuples and took no extra keyword arguments
+        return False
     parts = decoder_and_head(model)
     layers = getattr(parts[0], "layers", None) if parts is not None else None
-    if not layers or type(layers[-1]).__name__ not in TRIMMABLE_LAYERS:
-        return False
+    kind = type(layers[-1]) if layers else None
+    if kind is None or kind.__name__ not in TRIMMABLE_LAYERS or not kind.__module__.startswith("transformers.models."):
+        return False  # remote code may reuse a name with another forward
     last = layers[-1]
     last.forward = types.MethodType(_trimmed_forward, last)  # bound to the layer: a deepcopy rebinds to the copy
     last.reads_selected_rows = True

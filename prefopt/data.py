@@ -406,11 +406,16 @@ class PreferenceDataModule(L.LightningDataModule):
             rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["rejected_ids"], "desirable": False})
         return rows
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Training batches are prompt-shared: paired training with `share_prompt` (unpaired rows never are)."""
+        return bool(self.hparams.share_prompt and not self.hparams.unpaired)
+
     def example_lengths(self, data: list[dict[str, Any]]) -> list[int]:
         """Padded width each example needs in a training batch (what `group_by_length` sorts by)."""
         if self.hparams.unpaired:
             return [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in data]
-        if self.hparams.share_prompt:
+        if self.shares_prompts:
             return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in data]
         return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in data]
 
@@ -419,7 +424,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.unpaired:
             data, collate, rows = self.unpaired_rows(), self.collate_unpaired, 2 * hp.batch_size
         else:
-            collate = self.collate_shared_pairs if hp.share_prompt else self.collate_pairs
+            collate = self.collate_shared_pairs if self.shares_prompts else self.collate_pairs
             data, rows = self.train_examples, hp.batch_size
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

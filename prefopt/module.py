@@ -143,8 +143,7 @@ class PreferenceModule(L.LightningModule):
     def _check_attention(self) -> None:
         """Attention settings that would fail only at the first step, refused before any model is loaded."""
         attn, trainer = self.hparams.attn_implementation, self._trainer
-        data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
-        shared = data.get("share_prompt", False) and not data.get("unpaired", False)  # unpaired rows are not shared
+        shared = getattr(getattr(trainer, "datamodule", None), "shares_prompts", False)
         if attn not in (None, *MASK_BACKENDS) and shared:
             raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
                              f"custom attention mask), not {attn!r}; or set data.share_prompt: false")  # fmt: skip

@@ -72,13 +72,14 @@ def collate_shared_pairs(
         label_mask[b + i, :n_r] = True
         chosen_pred.append(i * width + torch.arange(n_p - 1, n_p + n_c - 1))
         rejected_pred.append(i * width + torch.cat([torch.tensor([n_p - 1]), torch.arange(n_p + n_c, n - 1)]))
+    pred_index = torch.cat(chosen_pred + rejected_pred)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "part_ids": part_ids,
         "completion_mask": F.pad(label_mask.long(), (1, 0)),
-        "pred_index": torch.cat(chosen_pred + rejected_pred),
-        "read_rows": torch.cat(chosen_pred + rejected_pred).unique(),
+        "pred_index": pred_index,
+        "read_rows": pred_index.unique(),
         "labels": torch.tensor([t for c in chosen for t in c] + [t for r in rejected for t in r], dtype=torch.long),
     }
 
@@ -148,8 +149,13 @@ def trim_last_layer(model: nn.Module) -> bool:
         return False  # remote code may reuse a name with another forward
     last = layers[-1]
     last.forward = types.MethodType(_trimmed_forward, last)  # bound to the layer: a deepcopy rebinds to the copy
-    last.reads_selected_rows = True
     return True
+
+
+def _is_trimmed(decoder: nn.Module) -> bool:
+    """Whether `trim_last_layer` patched this decoder's last layer (so that it takes `read_rows`)."""
+    layers = getattr(decoder, "layers", None)
+    return bool(layers) and getattr(vars(layers[-1]).get("forward"), "__func__", None) is _trimmed_forward
 
 
 def _trimmed_forward(self: nn.Module, hidden_states: Tensor, read_rows: Tensor | None = None, **kwargs) -> Tensor:
@@ -178,7 +184,7 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
         values = torch.gather(logits.float(), 1, batch["labels"][:, None]).squeeze(1) - logits.float().logsumexp(-1)
     else:
         decoder, head = parts
-        if getattr(getattr(decoder, "layers", [None])[-1], "reads_selected_rows", False):  # trim_last_layer
+        if _is_trimmed(decoder):
             inputs["read_rows"] = batch["read_rows"]
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden.flatten(0, 1)[batch["pred_index"]]  # (n, H)

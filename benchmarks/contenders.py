@@ -45,11 +45,12 @@ class Window:
         self.policy_ids: list[torch.Tensor] = []  # read after the clock stops (no host sync inside the window)
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.threads = torch.get_num_threads()
-        # Every row layout a contender may use, stripped of padding, -> pair index.
+        # Every row layout a contender may use, stripped of padding, -> pair index. prefopt's rows leave out the
+        # last token of each response (it predicts nothing), so those layouts are keys too.
         self.index: dict[tuple[int, ...], int] = {}
         for i, e in enumerate(examples):
             p, c, r = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
-            for row in (p + c, p + r, p + c + r):
+            for row in (p + c, p + r, p + c + r, p + c[:-1] + r[:-1], p + c[:-1], p + r[:-1]):
                 self.index[tuple(row)] = i
         self.examples = examples
 

@@ -135,8 +135,10 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_siz
     if parts is None:
         return token_logps(forward_logits(model, batch), batch["input_ids"], batch["completion_mask"])
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    picked = hidden.last_hidden_state[:, :-1][mask]  # (n, H)
+    # The last column predicts nothing and, under the causal mask, feeds nothing: the decoder runs without it.
+    hidden = decoder(input_ids=batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
+                     use_cache=False)  # fmt: skip
+    picked = hidden.last_hidden_state[mask]  # (n, H)
     values = label_logps_from_hidden(picked, head.weight, batch["input_ids"][:, 1:][mask], head.bias, chunk_size)
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 

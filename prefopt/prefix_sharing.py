@@ -8,12 +8,14 @@ Hegde 2024, "Accelerating Direct Preference Optimization with Prefix Sharing", a
 
 Layout of a pair (P, C, R = prompt, chosen, rejected lengths; T = the batch's longest row):
 
-    tokens     x_0 .. x_{P-1} | w_0 .. w_{C-1} | l_0 .. l_{R-1} | pad ..
-    positions  0   .. P-1     | P   .. P+C-1   | P   .. P+R-1   | 0 ..
+    tokens     x_0 .. x_{P-1} | w_0 .. w_{C-2} | l_0 .. l_{R-2} | pad ..
+    positions  0   .. P-1     | P   .. P+C-2   | P   .. P+R-2   | 0 ..
     attends    causal         | causal         | x and l_<j     | itself only (no all-masked softmax rows)
 
+The last token of each response (its eos) is not in the row: it predicts no label and no token attends to it (the
+rejected part never sees the chosen one), so every layer's work at its position would be dead. It stays a label.
 The label log-probs: w_j is predicted by the hidden state at row position P-1+j; l_0 by position P-1 (the last prompt
-token predicts both first tokens, with different labels), l_j (j >= 1) by position P+C+j-1. The output is the standard
+token predicts both first tokens, with different labels), l_j (j >= 1) by position P+C+j-2. The output is the standard
 (2B, L) per-token layout (chosen rows then rejected rows, completions left-aligned), with a matching completion mask
 whose column 0 is 0, so `prefopt.logps.pair_logps` reads it unchanged.
 
@@ -46,7 +48,8 @@ from prefopt.logps import decoder_and_head, label_logps_from_hidden
 def collate_shared_pairs(
     prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int
 ) -> dict[str, Tensor]:
-    """Pairs as prompt + chosen + rejected sequences, one per row, right-padded.
+    """Pairs as prompt + chosen + rejected sequences, one per row, right-padded; each response enters the row
+    without its last token (see the module docstring), and all of its tokens are labels.
 
     Returns input_ids, position_ids and part_ids (0 prompt, 1 chosen, 2 rejected, 3 padding), all (B, T); and for
     the loss, in the standard per-token layout of 2B rows (chosen rows then rejected rows, in pair order,
@@ -56,22 +59,24 @@ def collate_shared_pairs(
     read_rows, the distinct positions of pred_index, sorted (the last prompt token predicts both first tokens).
     """
     b = len(prompts)
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    chosen_in, rejected_in = [c[:-1] for c in chosen], [r[:-1] for r in rejected]  # the eos predicts nothing
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen_in, rejected_in))
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
     part_ids = torch.full((b, width), 3, dtype=torch.long)
     label_mask = torch.zeros((2 * b, max(max(map(len, chosen)), max(map(len, rejected)))), dtype=torch.bool)
     chosen_pred, rejected_pred = [], []
     for i in range(b):
-        n_p, n_c, n_r = len(prompts[i]), len(chosen[i]), len(rejected[i])
-        n = n_p + n_c + n_r
-        input_ids[i, :n] = torch.tensor(prompts[i] + chosen[i] + rejected[i], dtype=torch.long)
-        position_ids[i, :n] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
-        part_ids[i, :n] = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
-        label_mask[i, :n_c] = True
-        label_mask[b + i, :n_r] = True
-        chosen_pred.append(i * width + torch.arange(n_p - 1, n_p + n_c - 1))
-        rejected_pred.append(i * width + torch.cat([torch.tensor([n_p - 1]), torch.arange(n_p + n_c, n - 1)]))
+        n_p, k_c, k_r = len(prompts[i]), len(chosen_in[i]), len(rejected_in[i])  # tokens in the row
+        n = n_p + k_c + k_r
+        input_ids[i, :n] = torch.tensor(prompts[i] + chosen_in[i] + rejected_in[i], dtype=torch.long)
+        position_ids[i, :n] = torch.cat([torch.arange(n_p + k_c), torch.arange(n_p, n_p + k_r)])
+        part_ids[i, :n] = torch.tensor([0] * n_p + [1] * k_c + [2] * k_r)
+        label_mask[i, : len(chosen[i])] = True
+        label_mask[b + i, : len(rejected[i])] = True
+        chosen_pred.append(i * width + torch.arange(n_p - 1, n_p - 1 + len(chosen[i])))
+        first = [n_p - 1] if rejected[i] else []
+        rejected_pred.append(i * width + torch.tensor(first + list(range(n_p + k_c, n)), dtype=torch.long))
     pred_index = torch.cat(chosen_pred + rejected_pred)
     return {
         "input_ids": input_ids,

@@ -37,25 +37,26 @@ def _dm(micro_model, micro_pairs, **kwargs) -> PreferenceDataModule:
 def test_shared_layout_by_hand():
     """Pair 0: prompt [1, 5], chosen [6, 2], rejected [7, 8, 2]; pair 1: prompt [1], chosen [9, 2], rejected [2]."""
     b = collate_shared_pairs([[1, 5], [1]], [[6, 2], [9, 2]], [[7, 8, 2], [2]], pad_id=0)
-    assert b["input_ids"].tolist() == [[1, 5, 6, 2, 7, 8, 2], [1, 9, 2, 2, 0, 0, 0]]
-    assert b["position_ids"].tolist()[0] == [0, 1, 2, 3, 2, 3, 4]  # the rejected part restarts after the prompt
-    assert b["position_ids"].tolist()[1][:4] == [0, 1, 2, 1]
+    # Each response enters without its last token (2 here: the eos), which predicts nothing and which nothing sees.
+    assert b["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 0, 0, 0]]
+    assert b["position_ids"].tolist()[0] == [0, 1, 2, 2, 3]  # the rejected part restarts after the prompt
+    assert b["position_ids"].tolist()[1][:2] == [0, 1]
+    assert b["part_ids"].tolist() == [[0, 0, 1, 2, 2], [0, 1, 3, 3, 3]]
     # Label slots, chosen rows then rejected rows, left-aligned; column 0 of completion_mask is always 0.
     assert b["completion_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0]]
-    # Predicting positions (flattened B x T, T = 7): w_j <- P-1+j; l_0 <- P-1; l_j <- P+C+j-1.
-    assert b["pred_index"].tolist() == [1, 2, 7, 8, 1, 4, 5, 7]
-    assert b["labels"].tolist() == [6, 2, 9, 2, 7, 8, 2, 2]
+    # Predicting positions (flattened B x T, T = 5): w_j <- P-1+j; l_0 <- P-1; l_j <- P+(C-1)+j-1.
+    assert b["pred_index"].tolist() == [1, 2, 5, 6, 1, 3, 4, 5]
+    assert b["labels"].tolist() == [6, 2, 9, 2, 7, 8, 2, 2]  # every token a label, the eos included
+    assert b["read_rows"].tolist() == [1, 2, 3, 4, 5, 6]
     m = shared_attention_mask(b)[:, 0].int().tolist()
     assert m[0] == [
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],  # chosen: causal
-        [1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0],  # rejected: the prompt and itself, never the chosen tokens
-        [1, 1, 0, 0, 1, 1, 0],
-        [1, 1, 0, 0, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # chosen: causal
+        [1, 1, 0, 1, 0],  # rejected: the prompt and itself, never the chosen tokens
+        [1, 1, 0, 1, 1],
     ]
-    assert m[1][3] == [1, 0, 0, 1, 0, 0, 0] and m[1][5] == [0, 0, 0, 0, 0, 1, 0]  # padding sees only itself
+    assert m[1][1] == [1, 1, 0, 0, 0] and m[1][3] == [0, 0, 0, 1, 0]  # padding sees only itself
 
 
 def _sharing_matches_standard(model, dm, grads: bool) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL_SIZES, build_inputs  # noqa: E402
+from common import MODEL_SIZES, WORKDIR, build_inputs  # noqa: E402
 
 from prefopt.data import PreferenceDataModule  # noqa: E402
 from prefopt.logps import decoder_and_head  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    inputs = build_inputs(Path("/tmp/prefopt-bench"), args.size, (args.batches + 3) * 8)
+    inputs = build_inputs(WORKDIR, args.size, (args.batches + 3) * 8)
     dm = PreferenceDataModule(dataset=inputs["dataset"], tokenizer=inputs["model"], batch_size=8, max_length=128,
                               share_prompt=True, val_split="validation")  # fmt: skip
     dm.setup("fit")

@@ -30,7 +30,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MODEL_SIZES, build_inputs, gpu_bf16_peak_gflops, make_model, matmul_peak_gflops  # noqa: E402
+from common import MODEL_SIZES, WORKDIR, build_inputs, gpu_bf16_peak_gflops, make_model, matmul_peak_gflops  # noqa: E402
 
 # What each profile runs unless told otherwise. cpu: the issue's setting (2 threads, fp32, batch 8, max length 128).
 # gpu: a Qwen2.5-0.5B-shaped model in bf16 mixed precision, batch 16, max length 1024, on one GPU.
@@ -143,24 +142,36 @@ def summarize(runs: list[dict], params: dict[str, int], peak: float) -> list[dic
                             / r["elapsed_s"] / (peak * 1e9)),
             "util_useful": med(lambda r: (6 + 2 * live) * n * r["useful_tokens"] / r["elapsed_s"] / (peak * 1e9)),
             "others_busy_max": max(r["others_busy"] for r in rs),
+            "vs_trl_paired": paired_ratio(runs, rs, "trl"),
             "spread": (max(r["pairs"] / r["elapsed_s"] for r in rs) - min(r["pairs"] / r["elapsed_s"] for r in rs))
                       / med(lambda r: r["pairs"] / r["elapsed_s"]),
         })  # fmt: skip
     return rows
 
 
+def paired_ratio(runs: list[dict], rs: list[dict], other: str) -> float | None:
+    """Median over repeats of pairs/s against `other`'s run of the same size, mode and repeat. The runs of one repeat
+    follow each other within minutes, so a machine whose speed drifts between repeats moves this less than the ratio
+    of the medians."""
+    rate = {(r["size"], r["mode"], r["contender"], r["repeat"]): r["pairs"] / r["elapsed_s"] for r in runs}
+    ratios = [rate[r["size"], r["mode"], r["contender"], r["repeat"]] / rate[r["size"], r["mode"], other, r["repeat"]]
+              for r in rs if (r["size"], r["mode"], other, r["repeat"]) in rate]  # fmt: skip
+    return statistics.median(ratios) if ratios else None
+
+
 def table(rows: list[dict], params: dict[str, int]) -> str:
     gpu = any(r["peak_gpu_mb"] for r in rows)
-    out = ["| size | reference | contender | pairs/s | vs TRL | vs plain | completion tok/s | peak RSS MB "
+    out = ["| size | reference | contender | pairs/s | vs TRL | vs TRL, paired | vs plain | completion tok/s | peak RSS MB "
            + ("| peak GPU MB " if gpu else "") + "| FLOP util (all tokens) | FLOP util (useful) | spread | others' CPU (max) |",
-           "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|---|"]  # fmt: skip
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|---|"]  # fmt: skip
     by = {(r["size"], r["mode"], r["contender"]): r for r in rows}
     for r in rows:
         trl, plain = by.get((r["size"], r["mode"], "trl")), by.get((r["size"], r["mode"], "plain"))
         vs = lambda o: f"{r['pairs_per_s'] / o['pairs_per_s']:.2f}x" if o else "-"  # noqa: E731
         size = f"{r['size']} ({params[r['size']] / 1e6:.2f}M)"
         mode = "live" if r["mode"] == "live" else "precomputed"
-        out.append(f"| {size} | {mode} | {r['contender']} | {r['pairs_per_s']:.2f} | {vs(trl)} | {vs(plain)} "
+        paired = f"{r['vs_trl_paired']:.2f}x" if r.get("vs_trl_paired") else "-"
+        out.append(f"| {size} | {mode} | {r['contender']} | {r['pairs_per_s']:.2f} | {vs(trl)} | {paired} | {vs(plain)} "
                    f"| {r['completion_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
                    + (f"| {r['peak_gpu_mb']:.0f} " if gpu else "") + f"| {r['util_all']:.2f} "
                    f"| {r['util_useful']:.2f} | {r['spread']:.0%} | {r['others_busy_max']:.0%} |")  # fmt: skip
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet-below", type=float, default=0.10, help="wait until the machine is less busy than this")
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet before each run")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "prefopt-bench"))
+    ap.add_argument("--workdir", default=str(WORKDIR))
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--logs", default=None, help="folder for each run's output (default: WORKDIR/logs)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds before a run is given up (reported, skipped)")
@@ -256,9 +267,12 @@ def main(argv: list[str] | None = None) -> None:
 def report(record: dict) -> str:
     """The header line and the table of one record (or of several merged)."""
     peak = max(record["peaks"])
-    repeats = len({r["repeat"] for r in record["runs"]})
+    sizes = sorted({r["size"] for r in record["runs"]}, key=list(record["params"]).index)
+    repeats = {s: len({r["repeat"] for r in record["runs"] if r["size"] == s}) for s in sizes}
+    counts = (f"{next(iter(repeats.values()))}" if len(set(repeats.values())) == 1
+              else ", ".join(f"{n} ({s})" for s, n in repeats.items()))  # fmt: skip
     header = (f"{record['date']}, {record['machine']}; matmul peak {peak:.0f} GFLOP/s (best of the measurements "
-              f"before and after: {', '.join(f'{p:.0f}' for p in record['peaks'])}); median of {repeats}; "
+              f"before and after: {', '.join(f'{p:.0f}' for p in record['peaks'])}); median of {counts}; "
               f"{record['setting']}")  # fmt: skip
     return "\n" + header + "\n\n" + table(summarize(record["runs"], record["params"], peak), record["params"])
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import random
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+WORKDIR = Path(tempfile.gettempdir()) / "prefopt-bench"  # models and data every benchmark script shares
 
 WORDS = (
     "the a of and to in is was it for on that with as at by this be from or an are not have but his they were "

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_dpo import PROFILES  # noqa: E402
-from common import build_inputs  # noqa: E402
+from common import WORKDIR, build_inputs  # noqa: E402
 from contenders import run_prefopt  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", default="/tmp/prefopt-bench")
+    ap.add_argument("--workdir", default=str(WORKDIR))
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     prof = PROFILES[args.profile]
     size, batch, gpu = args.size or prof["sizes"][0], args.batch or prof["batch"], args.profile == "gpu"

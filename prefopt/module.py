@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from prefopt.logps import (
     completion_token_logps, decoder_and_head, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps,
 )
+from prefopt.allocator import keep_freed_host_memory
 from prefopt.prefix_sharing import MASK_BACKENDS, shared_token_logps, trim_last_layer
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
@@ -59,6 +60,7 @@ class PreferenceModule(L.LightningModule):
         check_finite_every_n_steps: int = 1,
         compile: bool = False,
         trim_last_layer: bool = False,
+        keep_freed_host_memory: bool = False,
     ) -> None:
         """
         Args:
@@ -92,6 +94,10 @@ class PreferenceModule(L.LightningModule):
             trim_last_layer: with prompt-shared batches, the last decoder layer runs its MLP only at the positions
                 whose log-probs are read, not at the prompt or padding (Llama-structured layers; others unchanged;
                 `prefopt.prefix_sharing.trim_last_layer`).
+            keep_freed_host_memory: host memory freed during training stays in the process for the next step
+                instead of going back to the OS and being page-faulted in again (glibc's malloc thresholds, set
+                for the whole process when the models are configured; `prefopt.allocator`). Pays on CPU runs with
+                batches of varying shapes; the process then does not shrink after its peak.
         """
         super().__init__()
         if warmup_steps < 0:
@@ -119,6 +125,8 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         self._check_attention()
+        if self.hparams.keep_freed_host_memory:
+            keep_freed_host_memory()
         kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation,
                   "device": self._load_device()}  # fmt: skip
         policy = load_causal_lm(self.hparams.model, **kwargs)

@@ -416,7 +416,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.hparams.unpaired:
             return [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in data]
         if self.shares_prompts:
-            return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in data]
+            from prefopt.prefix_sharing import shared_row_length
+
+            return [shared_row_length(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in data]
         return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in data]
 
     def train_dataloader(self) -> DataLoader:

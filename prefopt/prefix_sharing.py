@@ -45,6 +45,11 @@ from torch.nn import functional as F
 from prefopt.logps import decoder_and_head, label_logps_from_hidden
 
 
+def shared_row_length(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
+    """Tokens in a pair's prompt-shared row: the prompt, then each response without its last token."""
+    return len(prompt) + max(len(chosen) - 1, 0) + max(len(rejected) - 1, 0)
+
+
 def collate_shared_pairs(
     prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int
 ) -> dict[str, Tensor]:
@@ -60,7 +65,7 @@ def collate_shared_pairs(
     """
     b = len(prompts)
     chosen_in, rejected_in = [c[:-1] for c in chosen], [r[:-1] for r in rejected]  # the eos predicts nothing
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen_in, rejected_in))
+    width = max(map(shared_row_length, prompts, chosen, rejected))
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
     part_ids = torch.full((b, width), 3, dtype=torch.long)

@@ -12,8 +12,10 @@ redraws the built-in task's preference pairs as well as the initialization order
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from prefopt.data import PreferenceDataModule
 from prefopt.losses import LossConfig
+from prefopt.models import BUILTIN
 from prefopt.module import PreferenceModule
 
 
@@ -33,16 +36,84 @@ def base_config() -> list[str]:
     return [path] if path and Path(path).is_file() else []
 
 
-def run_name(loss: LossConfig, seed: int | None) -> str:
-    """A run name generated from the config: loss name, its hyperparameters that differ from the defaults, seed."""
+def run_name(loss: LossConfig, seed: int | None, dataset: str = BUILTIN, model: str = BUILTIN) -> str:
+    """A run name generated from the config: the data and model when they are not the built-in task's, the loss
+    name, its hyperparameters that differ from the defaults, and the seed (`mydata_dpo_beta0.5_seed0`)."""
     defaults = loss.spec.defaults()
-    parts = [loss.name] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
-                           for k, v in loss.params.items() if v != defaults.get(k) and not isinstance(v, list)]  # fmt: skip
-    return "_".join(parts + [f"seed{seed}"])
+    source = [_short(s) for s in (dataset, model) if s != BUILTIN]
+    params = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
+              for k, v in loss.params.items() if v != defaults.get(k) and not isinstance(v, list)]  # fmt: skip
+    return "_".join(source + [loss.name] + params + [f"seed{seed}"])
 
 
 def _unpaired(loss: LossConfig) -> bool:
     return not loss.paired
+
+
+def _short(source: str) -> str:
+    """A model's or dataset's name as a run-name part: the last part of a path or hub name, without suffix."""
+    stem = Path(str(source).rstrip("/")).name
+    return re.sub(r"[^\w.+-]", "-", Path(stem).stem if Path(stem).suffix in DATA_SUFFIXES else stem)
+
+
+DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
+LOSS_ARG = "--model.loss"
+COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def with_dotted_loss_keys(argv: list[str]) -> list[str]:
+    """argv with `--model.loss.<key> VALUE` items folded into one `--model.loss=<the whole loss>`.
+
+    The loss is one validated value (`LossConfig`), which jsonargparse cannot update key by key; grid files and
+    users write dotted keys all the same. The loss so far is read from the base config, every `--config` file and
+    every `--model.loss` value in order (last wins, as the parser reads them); the dotted keys then update it as
+    `LossConfig.updated` does (a new `name` starts from that loss's defaults). The merged value takes the place of
+    the last dotted key, so an argument after it still wins.
+    """
+    if not argv or argv[0] not in COMMANDS or not any(a.startswith(LOSS_ARG + ".") for a in argv):
+        return argv
+    import yaml
+
+    def loss_in(path: str) -> object:
+        try:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None  # the parser reports an unreadable config itself
+        return (config.get("model") or {}).get("loss") if isinstance(config, dict) else None
+
+    loss: object = None
+    for path in base_config():
+        loss = loss_in(path) or loss
+    out, updates, at, i = [argv[0]], {}, None, 1
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        takes_next = not eq and i + 1 < len(argv)
+        if key in ("--config", "-c") or key == LOSS_ARG or key.startswith(LOSS_ARG + "."):
+            if not eq:
+                value, i = (argv[i + 1] if takes_next else ""), i + 1
+            if key.startswith(LOSS_ARG + "."):
+                updates[key[len(LOSS_ARG) + 1 :]] = yaml.safe_load(value)
+                at = len(out)
+                i += 1
+                continue
+            if key == LOSS_ARG:
+                loss, updates = yaml.safe_load(value), {}  # a whole loss replaces earlier dotted keys too
+            else:
+                loss = loss_in(value) or loss
+            out.append(f"{key}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    if at is not None and updates:
+        try:
+            merged = LossConfig.updated(loss, updates).to_dict()
+        except ValueError as err:
+            from argparse import ArgumentError
+
+            raise ArgumentError(None, f"{LOSS_ARG}: {err}") from None
+        out.insert(at, f"{LOSS_ARG}={json.dumps(merged)}")
+    return out
 
 
 class PrefoptCLI(LightningCLI):
@@ -51,13 +122,62 @@ class PrefoptCLI(LightningCLI):
         parser.link_arguments("model.loss", "data.unpaired", compute_fn=_unpaired)
         parser.link_arguments("seed_everything", "data.seed")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a fit that fails before writing any result (bad data, a model that will not load) leaves no
+        run folder behind: what it added there is removed, and nothing that was there before."""
+        logger = self.trainer.logger
+        log_dir = Path(self.trainer.log_dir) if subcommand == "fit" and logger is not None else None
+        before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.is_dir() else set()
+        anchor = log_dir  # the deepest folder that exists already: nothing at or above it is removed
+        while anchor is not None and not anchor.exists():
+            anchor = anchor.parent
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if log_dir is not None and log_dir.is_dir() and self.trainer.is_global_zero:
+                if not (log_dir / "metrics.json").exists() and not (log_dir / "checkpoints").exists():
+                    _remove_new_files(log_dir, before, anchor)
+            raise
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.get("logger")
         if isinstance(logger, dict) or hasattr(logger, "init_args"):
             args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if args.get("name") in (None, "auto"):
-                args["name"] = run_name(config.model.loss, config.seed_everything)
+                args["name"] = run_name(config.model.loss, config.seed_everything, config.data.dataset,
+                                        config.model.model)  # fmt: skip
+        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+            # Lightning refuses a progress-bar callback beside enable_progress_bar=false: the flag wins here.
+            config.trainer.callbacks = [c for c in config.trainer.callbacks if not _is_progress_bar(c)]
+
+
+def _is_progress_bar(callback: object) -> bool:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    path = callback.get("class_path") if hasattr(callback, "get") else None
+    if isinstance(path, str):
+        module, _, name = path.rpartition(".")
+        try:
+            import importlib
+
+            return issubclass(getattr(importlib.import_module(module), name), ProgressBar)
+        except (ImportError, AttributeError, TypeError):
+            return False
+    return isinstance(callback, ProgressBar)
+
+
+def _remove_new_files(log_dir: Path, before: set[Path], stop: Path) -> None:
+    """Delete what this process added to a run folder that holds no result, then the folders left empty."""
+    for path in sorted(set(log_dir.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    folder = log_dir
+    while folder != stop and stop in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 TOOLS = {"grid": "prefopt.grid", "report": "prefopt.report", "export": "prefopt.export"}  # not Lightning's
@@ -73,6 +193,51 @@ def _show_info_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
+# ---------------------------------------------------------------------------------------------- user errors
+# A config error (unknown key, bad value, YAML syntax) or a data error (prefopt.formats.DataError: a bad file, row or
+# column) is printed as one short `error: ...` message, exit code 2: not jsonargparse's ~80-line usage before it, nor
+# a traceback. Any other exception is a bug and keeps its traceback. PREFOPT_TRACEBACK=1 shows them all.
+def _config_files(argv: list[str]) -> list[str]:
+    """The config files a command line reads: the base config, then each `--config FILE` / `-c FILE`, in order."""
+    files = base_config()
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def _yaml_problem(path: str) -> str | None:
+    """"FILE: line L, column C: YAML syntax error: ..." for a config file that is not valid YAML; else None."""
+    import yaml
+
+    try:
+        yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)  # syntax only: no tags are resolved
+    except OSError:
+        return None  # not a file (an inline --config value), or unreadable: the parser says so itself
+    except yaml.MarkedYAMLError as err:
+        mark, context = err.problem_mark, err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        started = f" ({err.context} at line {context.line + 1})" if err.context and context else ""
+        return f"{path}: {where}YAML syntax error: {err.problem}{started}"
+    except yaml.YAMLError as err:
+        return f"{path}: YAML syntax error: {err}"
+    return None
+
+
+def _user_error(err: Exception, argv: list[str]) -> str:
+    """The message printed for a config or data error."""
+    from argparse import ArgumentError
+
+    if not isinstance(err, ArgumentError):
+        return f"error: {err}"
+    problem = next(filter(None, map(_yaml_problem, _config_files(argv))), None)  # jsonargparse names no file
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    hint = f"(`python -m prefopt {command} --help` lists the options)".replace("  ", " ")
+    return f"error: {problem or err}\n{hint}"
+
+
 def main(args: list[str] | None = None):
     """`fit`, `validate`, `test`, `predict` go to LightningCLI; `grid`, `report` and `export` to their own modules."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -81,14 +246,33 @@ def main(args: list[str] | None = None):
         import importlib
 
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-    return PrefoptCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={cmd: {"default_config_files": base_config()} for cmd in ("fit", "validate", "test", "predict")},
-        auto_configure_optimizers=False,
-    )
+    from argparse import ArgumentError
+
+    from prefopt.formats import DataError
+
+    try:
+        folded = with_dotted_loss_keys(argv)
+        if folded != argv:
+            if args is None:
+                sys.argv[1:] = folded
+            else:
+                args = folded
+        return PrefoptCLI(
+            PreferenceModule,
+            PreferenceDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "exit_on_error": False,  # parse errors raise (ArgumentError), printed below without the usage
+                **{cmd: {"default_config_files": base_config()} for cmd in ("fit", "validate", "test", "predict")},
+            },
+            auto_configure_optimizers=False,
+        )
+    except (ArgumentError, DataError) as err:  # Lightning re-raises errors from fit/validate/... unwrapped
+        if os.environ.get("PREFOPT_TRACEBACK") == "1":
+            raise
+        sys.stderr.write(_user_error(err, argv) + "\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

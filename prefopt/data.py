@@ -6,12 +6,13 @@ every row is checked before anything trains: a bad row is an error naming the so
 `bad_rows: skip`, dropped and counted).
 
 Each example is tokenized as three id lists: `prompt_ids = tokenizer(prompt)` (the tokenizer's own special tokens,
-e.g. bos, included), and `chosen_ids` / `rejected_ids = tokenizer(completion, add_special_tokens=False) + [eos]`.
-Conversational rows are rendered with the chat template first (the prompt with the generation prompt, the
-completion as the rest of the full rendering) and tokenized without added special tokens (the template writes
-them); eos is appended unless the template's rendering of the completion already holds it (an end-of-turn that
-is eos, as in Qwen's `<|im_end|>`). A sequence is prompt_ids + completion_ids, so the prompt/completion boundary is
-exact and no mask is inferred from token values. Tokenized rows are cached by `datasets` (fingerprinted by the
+e.g. bos, included; but not an eos that a tokenizer appends to every text: the prompt goes on with its completion),
+and `chosen_ids` / `rejected_ids = tokenizer(completion, add_special_tokens=False) + [eos]` (no second eos after a
+completion whose text already ends in the eos token). Conversational rows are rendered with the chat template first
+(the prompt with the generation prompt, the completion as the rest of the full rendering) and tokenized without
+added special tokens (the template writes them); eos is appended unless the template's rendering of the
+completion already holds it (an end-of-turn that is eos, as in Qwen's `<|im_end|>`). A sequence is prompt_ids +
+completion_ids, so the prompt/completion boundary is exact and no mask is inferred from token values. Tokenized rows are cached by `datasets` (fingerprinted by the
 rows, the format, the tokenizer and the encoding version), so a second run does not tokenize again.
 
 Truncation (documented modes): the prompt is first cut to `max_prompt_length` keeping its end
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from prefopt import formats
+from prefopt.formats import DataError
 from prefopt.models import BUILTIN, load_tokenizer
 from prefopt.sources import load_rows
 
@@ -214,12 +216,12 @@ class PreferenceDataModule(L.LightningDataModule):
         """
         super().__init__()
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+            raise DataError(f"data.max_length must be at least 2, got {max_length}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         unknown = set(columns or {}) - set(formats.FIELDS)
         if unknown:
-            raise ValueError(f"columns: unknown field(s) {sorted(unknown)}; fields: {', '.join(formats.FIELDS)}")
+            raise DataError(f"data.columns: unknown field(s) {sorted(unknown)}; fields: {', '.join(formats.FIELDS)}")
         self.save_hyperparameters()
         self.gold = gold or GoldData()
         self.tokenizer = None
@@ -263,13 +265,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = self._load_tokenizer()
         train, val, train_name, val_name = self._sources()
         columns = hp.columns or {}
-        layout = formats.detect_layout(train.features, columns, train_name, hp.format)
+        layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train)
         if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
-                             f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")  # fmt: skip
+            raise DataError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
+                            f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")  # fmt: skip
         if not layout.paired and not hp.unpaired:
-            raise ValueError(f"{train_name} holds unpaired rows (prompt, completion, label): it trains unpaired losses "
-                             "(e.g. kto) only; this loss needs chosen/rejected pairs")  # fmt: skip
+            raise DataError(f"{train_name} holds unpaired rows (prompt, completion, label): it trains unpaired losses "
+                            "(e.g. kto) only; this loss needs chosen/rejected pairs")  # fmt: skip
         encode = dict(tokenizer=self.tokenizer, marker=hp.assistant_marker, num_proc=hp.num_proc)
         train = self._check_errors(formats.encode(train, layout, source=train_name, **encode), train_name)
         if val is None and not layout.paired:  # hold out whole prompts, so that validation pairs can be regrouped
@@ -282,7 +284,7 @@ class PreferenceDataModule(L.LightningDataModule):
             split = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             train, val = split["train"], split["test"]
         else:
-            val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure)
+            val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure, rows=val)
             val = self._check_errors(formats.encode(val, val_layout, source=val_name, **encode), val_name)
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
@@ -293,18 +295,18 @@ class PreferenceDataModule(L.LightningDataModule):
         else:
             self.train_rows, self.val_examples = train_out, self._regroup_pairs(val_out, val_name)
         if not train_out:
-            raise ValueError(f"no usable training examples left in {train_name} (see the logged counts)")
+            raise DataError(f"no usable training examples left in {train_name} (see the logged counts)")
         if not self.val_examples:
             why = "" if layout.paired else ": unpaired rows are validated as pairs, and no held-out prompt has " \
                 "both a desirable and an undesirable row"
-            raise ValueError(f"no usable validation examples in {val_name}{why} (see the logged counts)")
+            raise DataError(f"no usable validation examples in {val_name}{why} (see the logged counts)")
 
     def _check_errors(self, encoded: Any, name: str) -> Any:
         """Raise on rows that failed a check (`bad_rows: error`), or log them (`skip`; `_truncate` drops them)."""
         errors = [e for e in encoded["error"] if e]
         if errors and self.hparams.bad_rows == "error":
             more = f" ({len(errors) - 1} more rows fail checks; data.bad_rows: skip drops them)" * (len(errors) > 1)
-            raise ValueError(errors[0] + more)
+            raise DataError(errors[0] + more)
         if errors:
             log.warning("%s: skipping %d rows that fail checks, e.g.\n  %s", name, len(errors), "\n  ".join(errors[:3]))
         return encoded
@@ -339,7 +341,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if not self.layout.paired:
                 example["desirable"] = ex["desirable"]
             out.append(example)
-        examples = f" (e.g. rows {too_long_prompt[:5]})" if too_long_prompt else ""
+        examples = f" (e.g. rows {[r + 1 for r in too_long_prompt[:5]]}, counting from 1)" if too_long_prompt else ""
         log.log(
             logging.WARNING if too_long_prompt or identical or bad else logging.INFO,
             "%s (%s): %d %s kept; %d truncated; dropped %d whose prompt fills max_length=%d%s, %d with identical "
@@ -405,6 +407,11 @@ class PreferenceDataModule(L.LightningDataModule):
             rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "desirable": True})
             rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["rejected_ids"], "desirable": False})
         return rows
+
+    @property
+    def builtin_task(self) -> bool:
+        """The data is the built-in task's (what its evaluation, `prefopt.gold_eval`, needs)."""
+        return self.hparams.dataset == BUILTIN
 
     @property
     def shares_prompts(self) -> bool:

@@ -46,8 +46,20 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
-class RowError(ValueError):
-    """A bad row; the message names the source, the row and the field."""
+class DataError(ValueError):
+    """A problem with the user's data or data settings (a bad file, row, column or option), found before training.
+
+    The CLI prints its message alone, without a traceback (PREFOPT_TRACEBACK=1 shows it); any other exception is
+    a bug and keeps its traceback.
+    """
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file, directory or chat-template file that does not exist."""
+
+
+class RowError(DataError):
+    """A bad row; the message names the source, the row (counting from 1) and the field."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,15 @@ class Layout:
         return f"{self.structure} ({kind}; " + ", ".join(f"{f}={c!r}" for f, c in self.columns.items()) + ")"
 
 
-def _kind(feature: Any) -> str:
-    """'text', 'messages' or 'other' for a `datasets` feature."""
+def _kind(feature: Any, values: list | None = None) -> str:
+    """'text', 'messages' or 'other' for a `datasets` feature.
+
+    A JSON column whose rows mix types (a number among strings, say) has the `Json` feature: its kind is the most
+    common one among `values` (a sample of its rows), so that the row checks then name each row that differs.
+    """
+    if type(feature).__name__ == "Json":
+        kinds = ["text" if isinstance(v, str) else "messages" for v in values or [] if isinstance(v, (str, list))]
+        return max(("text", "messages"), key=kinds.count) if kinds else "other"
     if type(feature).__name__ in ("List", "Sequence", "LargeList") or isinstance(feature, list):
         return "messages"
     if getattr(feature, "dtype", None) in ("string", "large_string"):
@@ -76,11 +95,15 @@ def _kind(feature: Any) -> str:
     return "other"
 
 
-def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto") -> Layout:
-    """The layout of a dataset with these `features`; `columns` maps field names to column names."""
+def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto",
+                  rows: Any = None) -> Layout:  # fmt: skip
+    """The layout of a dataset with these `features`; `columns` maps field names to column names. `rows` (the
+    dataset) is read only for a column whose rows mix types, to tell its kind from its first 1,000 values."""
     col = {f: columns.get(f, f) for f in FIELDS}
     have = {f for f in FIELDS if col[f] in features}
-    kind = {f: _kind(features[col[f]]) for f in have}
+    mixed = {f for f in have if type(features[col[f]]).__name__ == "Json"}
+    sample = rows[:1000] if mixed and rows is not None else {}
+    kind = {f: _kind(features[col[f]], sample.get(col[f])) for f in have}
     if fmt == "auto":
         if {"chosen", "rejected"} & have:  # paired (a missing one of the two is reported below)
             explicit = "prompt" in have and kind["prompt"] == kind.get("chosen", kind["prompt"])
@@ -91,31 +114,36 @@ def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str
         elif {"completion", "label"} & have:
             fmt = "unpaired"
         else:
-            raise ValueError(
+            raise DataError(
                 f"{source}: cannot tell the format from its columns ({', '.join(features)}); expected prompt/chosen/"
                 "rejected (standard), chosen/rejected (implicit prompt) or prompt/completion/label (unpaired); "
                 "rename columns with data.columns, e.g. {prompt: question, chosen: good, rejected: bad}"
             )
     for field in REQUIRED[fmt]:
         if field not in have:
-            raise ValueError(
+            raise DataError(
                 f"{source}: missing column {col[field]!r} (field {field!r}, needed by format {fmt!r}); "
                 f"columns: {', '.join(features)}"
             )
     main = "completion" if fmt == "unpaired" else "chosen"
     if kind[main] == "other":
-        raise ValueError(
-            f"{source}: column {col[main]!r} holds {features[col[main]]}; expected strings or lists of "
-            "{role, content} messages"
-        )
+        feature = features[col[main]]
+        held = "values of mixed types" if main in mixed else getattr(feature, "dtype", feature)
+        raise DataError(f"{source}: column {col[main]!r} holds {held} from {_row(0)} on (field {main!r}); expected "
+                        "strings or lists of {role, content} messages")  # fmt: skip
     layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in REQUIRED[fmt]})  # type: ignore[arg-type]
     log.info("%s: format %s", source, layout.describe())
     return layout
 
 
 # ---------------------------------------------------------------------------------------------- row checks
+def _row(row: int) -> str:
+    """A row index (from 0, as `datasets` counts) as messages print it: from 1, as editors count lines."""
+    return f"row {row + 1} (counting from 1)"
+
+
 def _where(source: str, row: int, column: str) -> str:
-    return f"{source}: row {row}, field {column!r}"
+    return f"{source}: {_row(row)}, field {column!r}"
 
 
 def check_text(value: Any, source: str, row: int, column: str, completion: bool) -> str:
@@ -165,7 +193,7 @@ def split_text(chosen: str, rejected: str, marker: str, source: str, row: int,
         n += 1
     cut = chosen.rfind(marker, 0, n)  # the whole marker lies inside the shared prefix
     if cut < 0:
-        raise RowError(f"{source}: row {row}, fields {columns[0]!r} and {columns[1]!r}: no {marker!r} in the text they "
+        raise RowError(f"{source}: {_row(row)}, fields {columns[0]!r} and {columns[1]!r}: no {marker!r} in the text they "
                        "share, so the prompt cannot be found; give a prompt column, or set data.assistant_marker")  # fmt: skip
     end = cut + len(marker)
     return chosen[:end], chosen[end:], rejected[end:]
@@ -181,7 +209,7 @@ def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: i
                          and chosen[n]["role"] == rejected[n]["role"] == "assistant"):  # fmt: skip
         n -= 1
     if n == 0:
-        raise RowError(f"{source}: row {row}, fields {columns[0]!r} and {columns[1]!r}: they share no prompt messages "
+        raise RowError(f"{source}: {_row(row)}, fields {columns[0]!r} and {columns[1]!r}: they share no prompt messages "
                        "followed by an assistant turn in both, so the prompt cannot be found")  # fmt: skip
     return chosen[:n], chosen[n:], rejected[n:]
 
@@ -209,7 +237,7 @@ def read_chat_template(value: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"chat_template: {value!r} is neither a Jinja template nor a file")
+        raise DataFileNotFoundError(f"chat_template: {value!r} is neither a Jinja template nor a file")
     return path.read_text()
 
 
@@ -257,7 +285,7 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
-ENCODING_VERSION = 2  # bump when the encoding below changes: it is part of the cache fingerprint
+ENCODING_VERSION = 3  # bump when the encoding below, or a row check's message, changes: part of the cache fingerprint
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -274,8 +302,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
                         sorted(map(str, tokenizer.all_special_tokens))])  # fmt: skip
 
 
+def added_suffix(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer's post-processor appends to every text it encodes with special tokens: [eos] for one set
+    up to add eos (a Llama or Qwen tokenizer with `add_eos_token`), usually []. Found from one probe text."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1) if bare else ():
+        if full[start : start + len(bare)] == bare:
+            return full[start + len(bare) :]
+    return []
+
+
 def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, tokenizer: Any, marker: str,
-                  source: str) -> dict[str, list]:  # fmt: skip
+                  source: str, suffix: tuple[int, ...] = ()) -> dict[str, list]:  # fmt: skip
     rows = []
     for j, i in enumerate(indices):
         try:
@@ -294,12 +333,15 @@ def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, to
         encoded = {"prompt": tokenizer([rows[j]["prompt"] for j in keep], add_special_tokens=special)["input_ids"]}
         for n in names:
             encoded[n] = tokenizer([rows[j][n] for j in keep], add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id
+        eos, cut = tokenizer.eos_token_id, len(suffix)
         for k, j in enumerate(keep):
-            out["prompt_ids"][j] = encoded["prompt"][k]
-            for n in names:  # eos ends every completion; a chat template's end-of-turn may already be eos
-                ids = encoded[n][k]
-                out[f"{n}_ids"][j] = ids if layout.conversational and eos in ids else ids + [eos]
+            prompt = encoded["prompt"][k]
+            # A prompt continues with its completion: no eos (or other suffix) that the tokenizer adds to every text.
+            out["prompt_ids"][j] = prompt[:-cut] if cut and tuple(prompt[-cut:]) == suffix else prompt
+            for n in names:  # eos ends every completion, once: a chat template's end-of-turn may already be eos,
+                ids = encoded[n][k]  # and a text completion may already end in the eos token's text
+                has_eos = eos in ids if layout.conversational else ids[-1:] == [eos]
+                out[f"{n}_ids"][j] = ids if has_eos else ids + [eos]
     if not layout.paired:
         out["desirable"] = [bool(r.get("label")) for r in rows]
     return out
@@ -308,16 +350,22 @@ def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, to
 def encode(rows: Any, layout: Layout, tokenizer: Any, source: str, marker: str = "Assistant:",
            num_proc: int | None = None) -> Any:  # fmt: skip
     """Check and tokenize every row: a `datasets.Dataset` of prompt_ids, chosen_ids/rejected_ids (or completion_ids
-    and desirable), row (the source row index) and error (why the row failed a check, or ""). Identical pairs and
-    failed rows come out with empty id lists.
+    and desirable), row (the source row index, from 0) and error (why the row failed a check, or ""). Identical pairs
+    and failed rows come out with empty id lists.
 
     The result is cached by `datasets` under a fingerprint of the input rows, the layout, the tokenizer and this
     encoding's version, so a second run with the same inputs reads it instead of tokenizing again.
     """
     from datasets.fingerprint import Hasher
 
+    # The source's name is part of it because the row checks' messages (kept in the result) name it.
     fingerprint = Hasher.hash([rows._fingerprint, ENCODING_VERSION, layout.structure, layout.conversational,
-                               sorted(layout.columns.items()), marker, tokenizer_fingerprint(tokenizer)])  # fmt: skip
-    function = partial(_encode_batch, layout=layout, tokenizer=tokenizer, marker=marker, source=source)
+                               sorted(layout.columns.items()), marker, tokenizer_fingerprint(tokenizer),
+                               source])  # fmt: skip
+    suffix = () if layout.conversational else tuple(added_suffix(tokenizer))  # chat prompts add no special tokens
+    if suffix:
+        log.info("%s: the tokenizer appends %s to every text; cut from the prompts", source,
+                 tokenizer.convert_ids_to_tokens(list(suffix)))  # fmt: skip
+    function = partial(_encode_batch, layout=layout, tokenizer=tokenizer, marker=marker, source=source, suffix=suffix)
     return rows.map(function, batched=True, with_indices=True, remove_columns=rows.column_names,
                     new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenizing {source}")  # fmt: skip

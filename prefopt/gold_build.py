@@ -7,7 +7,7 @@
   (KL(base || ref) ~ 0.02 nats). Cached under ``cache_dir/reference-<hash of the recipe>``.
 - `ensure_pairs`: two reference samples per training prompt, labelled by a Bradley-Terry draw on the gold
   reward. Cached under ``cache_dir/pairs-<hash of (reference, seed, sizes, T)>``; a new seed redraws the
-  pairs (GOLD_TASK pitfall 3).
+  pairs (docs/gold_task.md, 'Redraw the pairs per seed').
 - sampling and scoring (`sample_responses`, `score_responses`) live in `gold_sampling`.
 
 Every artifact is written into a temporary directory next to its final place and moved there with one
@@ -122,7 +122,7 @@ class ReferenceRecipe:
     num_heads: int = 4
     intermediate_size: int = 128
     num_samples: int = 50_000  # base samples over all 12 topics
-    steps: int = 1500  # 500 steps left KL at 0.09 nats (GOLD_TASK.md)
+    steps: int = 1500  # 500 steps left KL at 0.09 nats (docs/gold_task.md)
     batch_size: int = 128
     lr: float = 3e-3  # peak of the one-cycle schedule
     weight_decay: float = 0.0

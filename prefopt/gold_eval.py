@@ -1,23 +1,26 @@
 """Evaluate a policy on the gold task: true reward, KL from the reference, gap to the exact frontier.
 
-For fresh samples y ~ pi(. | x) on a set of prompts (GOLD_TASK pitfall 1: the training prompts, and
-separately the held-out prompts as a generalization number):
+For fresh samples y ~ pi(. | x) on a set of prompts (the training prompts, and separately the held-out prompts as a
+generalization number). The quoted titles are sections of docs/gold_task.md, 'Pitfalls':
 
-- gold_reward:     mean R(x, y), with its standard error gold_reward_se (pitfall 2: use >= 2,048 samples);
+- gold_reward:     mean R(x, y), with its standard error gold_reward_se ('Sample enough': use >= 2,048 samples);
 - sampled_kl:      mean over samples of log pi(y|x) - log pi_ref(y|x), completion tokens only (a Monte-Carlo
                    KL(pi || pi_ref); single terms can be negative, only the mean is a KL);
 - frontier_reward: the best reward any policy reaches at that KL (`gold_task.frontier_reward_at_kl`, KL
-                   clamped at 0), and frontier_gap = frontier_reward - gold_reward (pitfall 6: it exposes
-                   over-optimization that reward alone hides);
-- mean_length, short_fraction (< 4 words), distinct_ratio, eos_rate: degeneration signals (pitfall 5).
+                   clamped at 0), and frontier_gap = frontier_reward - gold_reward ('Over-optimization shows in
+                   the frontier gap': it exposes over-optimization that reward alone hides);
+- mean_length, short_fraction (< 4 words), distinct_ratio, eos_rate: degeneration signals ('Watch length and
+  degeneration').
 
-Deviation to keep in mind: the frontier is measured from the base distribution while sampled_kl is from the
-reference; they differ by KL(base || ref) ~ 0.02 nats. A response that reaches `max_new_tokens` without <eos>
-is scored as the truncated prefix (no forced <eos>, pitfall 7), under both models alike.
+Why the training prompts: 'Evaluate on fresh samples for the training prompts'. Deviation to keep in mind: the
+frontier is measured from the base distribution while sampled_kl is from the reference; they differ by
+KL(base || ref) ~ 0.02 nats. A response that reaches `max_new_tokens` without <eos> is scored as the truncated
+prefix (no forced <eos>, 'KL bookkeeping'), under both models alike.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -29,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefopt import gold_task as task
 from prefopt.gold_sampling import sample_responses, score_responses
 
+log = logging.getLogger(__name__)
 SHORT_WORDS = 4  # fewer words than the base's minimum length counts as "short"
 
 
@@ -92,9 +96,18 @@ class GoldTaskEvaluation(L.Callback):
         self.num_samples = num_samples
         self.max_new_tokens = max_new_tokens
         self.seed = seed
+        self.active = True  # set per fit in `setup`
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """On for the built-in task's data only: its prompts, reward and frontier mean nothing for other data."""
+        datamodule = trainer.datamodule
+        self.active = bool(getattr(datamodule, "builtin_task", False))
+        if not self.active and trainer.is_global_zero:
+            dataset = getattr(getattr(datamodule, "hparams", None), "dataset", None)
+            log.info("the built-in task's evaluation (val/gold/*) is off: data.dataset is %r, not the built-in task", dataset)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self.active:
             return
         tokenizer = trainer.datamodule.tokenizer
         for prefix, topics in (("val/gold", task.TRAIN_TOPICS), ("val/gold_heldout", task.HELDOUT_TOPICS)):

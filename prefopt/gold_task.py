@@ -1,6 +1,6 @@
 """The built-in gold-reward task: its vocabulary, base distribution, gold reward and exact KL frontier.
 
-A controlled preference task whose true reward is known exactly (design: shared/GOLD_TASK.md):
+A controlled preference task whose true reward is known exactly (design and pitfalls: docs/gold_task.md):
 
 - A sequence is ``<bos> TOPIC : w1 ... wL <eos>``; the prompt is ``"{topic} :"``.
 - Base distribution pi_base(y | topic): L ~ Uniform{4..12}; a component c in {positive-leaning,
@@ -49,7 +49,8 @@ NEUTRAL: tuple[str, ...] = ("the", "a", "it", "was", "and", "very", "quite", "so
 TOPICS: tuple[str, ...] = (
     "film", "book", "food", "music", "game", "trip", "phone", "car", "hotel", "show", "song", "class",
 )  # fmt: skip
-# Prompts used to train (and to evaluate on fresh samples, pitfall 1) and prompts kept for generalization.
+# Prompts used to train (and to evaluate on fresh samples: docs/gold_task.md, 'Evaluate on fresh samples for the
+# training prompts') and prompts kept for generalization.
 TRAIN_TOPICS: tuple[str, ...] = TOPICS[:8]
 HELDOUT_TOPICS: tuple[str, ...] = TOPICS[8:]
 

@@ -168,15 +168,9 @@ def merge_loss(base_loss: Any, assigned: Mapping[str, Any]) -> dict[str, Any]:
     """
     from prefopt.losses import LossConfig
 
-    loss = base_loss if base_loss is not None else {"name": "dpo"}
-    if LOSS_KEY in assigned:
-        loss = assigned[LOSS_KEY]
-    loss = {"name": loss} if isinstance(loss, str) else dict(loss)
-    name = assigned.get(f"{LOSS_KEY}.name")
-    if name is not None and name != loss.get("name"):
-        loss = {"name": name}
-    loss.update({k[len(LOSS_KEY) + 1 :]: v for k, v in assigned.items() if k.startswith(f"{LOSS_KEY}.")})
-    return LossConfig.from_value(loss).to_dict()
+    loss = assigned.get(LOSS_KEY, base_loss)
+    updates = {k[len(LOSS_KEY) + 1 :]: v for k, v in assigned.items() if k.startswith(f"{LOSS_KEY}.")}
+    return LossConfig.updated(loss, updates).to_dict()
 
 
 def short_name(key: str, keys: list[str]) -> str:
@@ -265,6 +259,19 @@ def with_overrides(grid: Grid, items: list[str]) -> Grid:
     return dataclasses.replace(grid, fixed=fixed)
 
 
+def select(runs: list[Run], patterns: str | None) -> list[Run]:
+    """The runs whose names match one of the comma-separated shell patterns (all runs without patterns)."""
+    if not patterns:
+        return runs
+    import fnmatch
+
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+    if not chosen:
+        raise GridError(f"--runs {patterns!r} matches none of the grid's {len(runs)} runs (e.g. {runs[0].name})")
+    return chosen
+
+
 def check_configs(grid: Grid, runs: list[Run]) -> None:
     """Parse the first run of each variant with the CLI (`--print_config`): a wrong key fails before any run starts."""
     import contextlib
@@ -305,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", help="the Ray cluster to join (e.g. auto, ray://head:10001); default: a local instance")
     parser.add_argument("--cpus-per-run", type=float, default=1, help="Ray backend: CPUs each run asks for")
     parser.add_argument("--gpus-per-run", type=float, default=0, help="Ray backend: GPUs each run asks for")
+    parser.add_argument("--runs", metavar="PATTERN", help="only the runs whose names match these shell patterns "
+                        "(comma-separated), e.g. 'dpo_beta0.5_*,kto_*_seed0'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
     args = parser.parse_args(argv)
     try:
         grid = with_overrides(load_grid(args.config), args.set)
-        runs = expand(grid)
+        runs = select(expand(grid), args.runs)
         if not args.no_check:
             check_configs(grid, runs)
     except GridError as err:

@@ -36,6 +36,24 @@ from prefopt.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_tem
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt
 POLL_S = 0.2
+SAME_FAILURES = 3  # a grid whose first this-many finished runs all failed the same way stops
+
+
+def failure_line(tail: str, run_name: str) -> str:
+    """The line that says why a run failed (its stderr's last non-blank line), with the run's name taken out, so
+    that the same error in two runs reads the same."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1].replace(run_name, "<run>") if lines else "(no output on stderr)"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer steps a Lightning checkpoint has done, or None if it cannot be read."""
+    try:
+        import torch
+
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001  (a cut-short or foreign file: the run then starts again)
+        return None
 
 
 def fit_command() -> list[str]:
@@ -74,7 +92,7 @@ class Active:
     process: subprocess.Popen
     started: float
     stderr: IO[bytes]
-    resumed: bool
+    resumed: int | None  # the checkpoint's step when the run resumed, else None
     load: float  # the 1-minute load average when it started: timings taken on a busy machine are noisy
 
 
@@ -104,8 +122,8 @@ class GridRunner:
     def command(self, run: Run, resume: Path | None) -> list[str]:
         # The run's folder is <out>/runs/<name>/: the logger's save_dir and name, and an empty version (no version_<n>).
         logger = "--trainer.logger.init_args."
-        args = [*fit_command(), *run.overrides(self.grid.base), "--trainer.enable_progress_bar=false",
-                f"{logger}save_dir={self.out.resolve() / 'runs'}", f"{logger}name={run.name}", f"{logger}version="]
+        args = [*fit_command(), *run.overrides(self.grid.base), f"{logger}save_dir={self.out.resolve() / 'runs'}",
+                f"{logger}name={run.name}", f"{logger}version="]
         return args + ([f"--ckpt_path={resume}"] if resume else [])
 
     def environment(self) -> dict[str, str]:
@@ -130,35 +148,40 @@ class GridRunner:
         status = self.status(run)
         last = run_dir / "checkpoints" / "last.ckpt"
         resume = last if status == "unfinished" and last.is_file() else None
+        step = checkpoint_step(last) if resume else None
+        if step is None:
+            resume = None
         if resume is None and run_dir.exists():
             shutil.rmtree(run_dir)  # failed, stale or unfinished without a checkpoint: from scratch
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
-        write_json(self.spec(run), run_dir / RUN_FILE)
+        write_json(dict(self.spec(run), resumed_from_step=step), run_dir / RUN_FILE)
         stderr = open(run_dir / "stderr.log", "wb+")  # read back by _finish, whoever writes it
         if self.launcher is not None:  # a Ray task on some node of the cluster (shared filesystem)
             process = self.launcher.start(self.command(run, resume), env, Path.cwd(), run_dir / "stdout.log",
                                           run_dir / "stderr.log")  # fmt: skip
-            return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
+            return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
         stdout = open(run_dir / "stdout.log", "ab")
         process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
                                    preexec_fn=die_with_parent if sys.platform == "linux" else None)  # fmt: skip
         stdout.close()
-        return Active(run, process, time.perf_counter(), stderr, resume is not None, os.getloadavg()[0])
+        return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
 
-    def _finish(self, active: Active, code: int) -> str:
+    def _finish(self, active: Active, code: int) -> tuple[str, str]:
+        """("ok" or "failed", the failure's line) of a run that has exited."""
         run_dir = self.run_dir(active.run)
         active.stderr.seek(0)
         tail = active.stderr.read().decode(errors="replace")[-STDERR_TAIL:]
         active.stderr.close()
         spec = dict(self.spec(active.run), run_time_s=time.perf_counter() - active.started, exit_code=code,
-                    load_start=active.load, load_end=os.getloadavg()[0], workers=self.workers, threads=self.threads)
+                    load_start=active.load, load_end=os.getloadavg()[0], workers=self.workers, threads=self.threads,
+                    resumed_from_step=active.resumed)  # fmt: skip
         write_json(spec, run_dir / RUN_FILE)
         if code == 0 and run_status(run_dir) == "ok":
-            return "ok"
+            return "ok", ""
         reason = f"exit code {code}" if code else f"exited 0 without a finished {METRICS_FILE}"
         (run_dir / ERROR_FILE).write_text(f"{reason}\n{tail}")
-        return "failed"
+        return "failed", failure_line(tail, active.run.name) if code else reason
 
     def run(self) -> int:
         """Run every run that is not complete; returns 0 if all are complete at the end, else 1."""
@@ -176,7 +199,7 @@ class GridRunner:
         self._prepare_cache(todo)
         print(f"grid {self.grid.name}: {len(todo)} runs to do into {self.out}; {self.workers} workers x "
               f"{self.threads} threads; cache {env['PREFOPT_CACHE']}", file=sys.stderr)  # fmt: skip
-        queue, active, retried = list(todo), [], set()
+        queue, active, retried, outcomes = list(todo), [], set(), []
         try:
             while queue or active:
                 while queue and len(active) < self.workers:
@@ -185,25 +208,44 @@ class GridRunner:
                 time.sleep(POLL_S)
                 for a in [a for a in active if a.process.poll() is not None]:
                     active.remove(a)
-                    result = self._finish(a, a.process.returncode)
-                    if result == "failed" and a.resumed and a.run.name not in retried:
+                    result, why = self._finish(a, a.process.returncode)
+                    if result == "failed" and a.resumed is not None and a.run.name not in retried:
                         retried.add(a.run.name)  # a resume that fails (a bad checkpoint): once more from scratch
                         shutil.rmtree(self.run_dir(a.run))
                         queue.insert(0, a.run)
                         continue
                     progress.done(result, time.perf_counter() - a.started, a.run.name)
+                    outcomes.append((result, why, a.run))
                     self._write_tables()
+                if queue and self._all_failed_alike(outcomes):
+                    self._stop(active)
+                    why, first = outcomes[0][1], self.run_dir(outcomes[0][2])
+                    progress.line(f"stopped: the first {len(outcomes)} runs all failed with\n  {why}\nsee "
+                                  f"{first / ERROR_FILE}; fix it, then run the same command again", final=True)
+                    self._log_invocation(progress, env["PREFOPT_CACHE"], load)
+                    return 1
         except KeyboardInterrupt:
-            for a in active:
-                a.process.terminate()
-            for a in active:
-                a.process.wait()
-            self._write_tables()
+            self._stop(active)
             progress.line("interrupted: run the same command again to resume", final=True)
             return 130
         progress.line(f"finished: {progress.ok} ok, {progress.failed} failed; tables in {self.out}", final=True)
         self._log_invocation(progress, env["PREFOPT_CACHE"], load)
         return 0 if progress.failed == 0 else 1
+
+    @staticmethod
+    def _all_failed_alike(outcomes: list[tuple[str, str, Run]]) -> bool:
+        """The first SAME_FAILURES finished runs all failed, with the same error line."""
+        first = outcomes[:SAME_FAILURES]
+        return len(first) == SAME_FAILURES and all(r == "failed" for r, _, _ in first) and len({w for _, w, _ in first}) == 1
+
+    def _stop(self, active: list[Active]) -> None:
+        """End the running runs (each resumes from its last checkpoint next time) and write the tables."""
+        for a in active:
+            a.process.terminate()
+        for a in active:
+            a.process.wait()
+            a.stderr.close()
+        self._write_tables()
 
     def _log_invocation(self, progress: Progress, cache: str, load_start: float) -> None:
         """Append this invocation's wall time and conditions to <out>/grid.json (the grid's timing record)."""

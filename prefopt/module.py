@@ -17,6 +17,7 @@ Checkpoints then hold the trainable adapter weights only; the base is reloaded f
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -41,6 +42,15 @@ from prefopt.reference_cache import load_or_compute
 
 def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=5e-4)
+
+
+def describe_optimizer(factory) -> dict:
+    """The optimizer's class path and plain-valued settings, from the factory the CLI builds (a partial)."""
+    if isinstance(factory, functools.partial):
+        cls = next((a for a in reversed(factory.args) if isinstance(a, type)), factory.func)
+        plain = {k: v for k, v in factory.keywords.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", **plain}
+    return {"class_path": f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"}
 
 
 class PreferenceModule(L.LightningModule):
@@ -106,10 +116,12 @@ class PreferenceModule(L.LightningModule):
             raise ValueError("check_finite_every_n_steps must be >= 0 and logps_chunk_size >= 1 (or null)")
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
         self._unchecked_steps = 0
-        self.save_hyperparameters(ignore=["optimizer", "loss"])
-        self.hparams["loss"] = loss.to_dict()
         self.loss = loss
         self.optimizer_factory = optimizer
+        # hparams.yaml and TensorBoard's HPARAMS view tell runs apart by the loss and the optimizer: saved as plain
+        # values (save_hyperparameters reads the arguments' current values, so these names are rebound first).
+        loss, optimizer = loss.to_dict(), describe_optimizer(optimizer)  # noqa: F841
+        self.save_hyperparameters()
         self.lora = lora
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapter only (see on_load_checkpoint)
         self.policy: PreTrainedModel | None = None
@@ -271,7 +283,7 @@ class PreferenceModule(L.LightningModule):
         values["loss"] = loss.detach()
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
-        return loss
+        return {"loss": loss, "pairs": lp.num_pairs}
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer).
@@ -305,6 +317,18 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Validation metrics are logged at the optimizer steps done (as metrics.json counts), not Lightning's
+        count of batches before this one (one less, inside a training step): a logged `step` is the x-axis."""
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            self.log("step", float(self.global_step), on_step=False, on_epoch=True)
+
+    def on_validation_end(self) -> None:
+        """Drop that `step` once every callback has seen it (module hooks run after callbacks'): left in
+        `callback_metrics`, it would name later checkpoints (`step=N.ckpt`) by the last validation's step."""
+        if self._trainer is not None:
+            self.trainer.callback_metrics.pop("step", None)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")

@@ -6,7 +6,8 @@
   DPO paper (Rafailov et al. 2023).
 - `gap_plot`: the gap to the frontier against the swept hyperparameter, one panel per curve.
 - `sweep_plot`: preference accuracy, log-ratio margin and sampled KL against the hyperparameter, per curve.
-- `curves_plot`: gold reward and sampled KL at every validation step, per setting (mean over seeds).
+- `curves_plot`: gold reward, sampled KL and accuracy at every validation step, one panel per curve and metric,
+  one colour per hyperparameter value (seeds thin, their mean thick).
 """
 
 from __future__ import annotations
@@ -139,25 +140,56 @@ def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def curves_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
-    """history: (run, step, metrics...); runs: (run, curve, and the loss columns) of the ok runs."""
+def _settings(g: pd.DataFrame) -> tuple[list[str], list[tuple]]:
+    """The loss hyperparameters that vary within one curve's runs, and their value combinations, sorted."""
+    varying = [c for c in g.columns if c.startswith("loss.") and g[c].nunique() > 1]
+    combos = {tuple(row) for row in g[varying].itertuples(index=False)}
+    values = sorted(combos, key=lambda v: [(isinstance(x, str), x) for x in v])  # numbers by value, then names
+    return varying, values
+
+
+def _value(v: object) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+    """history: (run, step, metrics...); runs: (run, curve, and the loss columns) of the ok runs.
+
+    One column of panels per curve (a row per metric), so each loss's settings can be told apart: one colour per
+    value of its swept hyperparameter (viridis, in sorted order), a thin line per seed and a thick one for the mean
+    over seeds, and the legend of the values atop each column.
+    """
     merged = history.merge(runs, on="run", suffixes=("", "_final"))
     curves = list(runs["curve"].unique())
-    colors = _colors(curves)
     metrics = [m for m in (REWARD, KL, ACCURACY) if m in history]
-    fig, axes = _panels(len(metrics))
-    for curve, g in merged.groupby("curve", sort=False):
-        param = swept_parameter(g)
-        keys = [param] if param else []
-        for ax, metric in zip(axes[0], metrics):
-            for _, setting in g.groupby(keys, sort=True) if keys else [((), g)]:
+    fig, axes = _panels(len(curves), rows=len(metrics))
+    cmap = plt.get_cmap("viridis")
+    for j, curve in enumerate(curves):
+        g = merged[merged["curve"] == curve]
+        varying, values = _settings(g)
+        for k, value in enumerate(values):
+            color = cmap(0.9 * k / max(len(values) - 1, 1))  # 0.9: viridis's last yellow is unreadable on white
+            setting = g[(g[varying] == pd.Series(value, index=varying)).all(axis=1)] if varying else g
+            label = ", ".join(f"{c.removeprefix('loss.')} {_value(v)}" for c, v in zip(varying, value)) or "all runs"
+            for i, metric in enumerate(metrics):
+                ax = axes[i][j]
+                for _, seed in setting.groupby("run"):
+                    seed = seed.sort_values("step")
+                    ax.plot(seed["step"], seed[metric], "-", color=color, lw=0.6, alpha=0.35)
                 mean = setting.groupby("step")[metric].mean()
-                ax.plot(mean.index, mean.to_numpy(), "-", color=colors[curve], lw=1, alpha=0.8)
-    for ax, metric in zip(axes[0], metrics):
-        ax.set(xlabel="step", title=metric)
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-    for curve in curves:
-        axes[0][0].plot([], [], color=colors[curve], label=curve)
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+                ax.plot(mean.index, mean.to_numpy(), "-", color=color, lw=1.6, label=label if i == 0 else None)
+        axes[0][j].set_title(curve, fontsize=9)
+        axes[0][j].legend(fontsize=6)
+    fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each seed; "
+                 "thick, their mean", fontsize=9)  # fmt: skip
+    for i, metric in enumerate(metrics):
+        axes[i][0].set_ylabel(metric.removeprefix("val/").removeprefix("gold/"), fontsize=8)
+        for ax in axes[i]:
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("step" if i == len(metrics) - 1 else "")
+    return fig
+
+
+def curves_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
+    """`curves_figure`, saved to path."""
+    return _save(curves_figure(history, runs), path)

@@ -1,7 +1,8 @@
 """Rank losses by gold reward at matched KL and by the gap to the exact frontier, with confidence intervals.
 
-Preference accuracy does not rank losses on the built-in task (GOLD_TASK.md pitfall 4), and the same numeric beta
-means different things across losses (pitfall 8), so losses are compared where they stand at the *same* KL:
+Preference accuracy does not rank losses on the built-in task (docs/gold_task.md, 'Preference accuracy does not rank
+losses'), and the same numeric beta means different things across losses (there, 'The same beta means different
+things across losses'), so losses are compared where they stand at the *same* KL:
 
 - A curve is one loss setting swept along its hyperparameters (a grid variant, with everything else but the seed
   fixed): for each seed, its runs are points (sampled KL, gold reward), linearly interpolated along KL. No

@@ -4,7 +4,7 @@ The LightningModule computes these once per step, in one place (`prefopt.logps`)
 loss, and hands them to the loss function. A loss never calls a model: it is a pure function of a record
 and its float hyperparameters.
 
-Conventions (shared/LOSSES.md):
+Conventions (docs/loss_pitfalls.md, 'Notation'):
 - a `*_logps` field is the *sum* over completion tokens of log pi(y_t | x, y_<t); the prompt is excluded;
 - a `*_lengths` field is the completion token count |y| as a float tensor (a loss that wants averages
   divides by it);
@@ -44,6 +44,11 @@ class PairLogps:
         return dataclasses.replace(self, **changes)
 
     @property
+    def num_pairs(self) -> float:
+        """The pairs this record scores: the throughput's unit, whatever the batch's row layout."""
+        return float(self.policy_chosen_logps.shape[0])
+
+    @property
     def has_reference(self) -> bool:
         return self.ref_chosen_logps is not None and self.ref_rejected_logps is not None
 
@@ -79,6 +84,12 @@ class UnpairedLogps:
 
     def replace(self, **changes: Tensor | None) -> UnpairedLogps:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def num_pairs(self) -> float:
+        """Pair equivalents: two scored rows (not KTO's mismatched KL rows) count as one pair, so that paired and
+        unpaired runs on the same pairs report comparable throughputs."""
+        return self.policy_logps.shape[0] / 2
 
     def logratios(self) -> Tensor:
         """r = logp(y) - ref_logp(y), shape (B,)."""

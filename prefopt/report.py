@@ -11,7 +11,8 @@ Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.
 - frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.plots`).
 
 It prints the summary (mean ± 95% CI across seeds), the matched-KL table and the ranking. Preference accuracy is
-shown but never ranks (GOLD_TASK.md pitfall 4). A grid without gold metrics (another dataset) gets the summary only.
+shown but never ranks (docs/gold_task.md, 'Preference accuracy does not rank losses'). A grid without gold metrics
+(another dataset) gets the summary only.
 """
 
 from __future__ import annotations

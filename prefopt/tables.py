@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from prefopt.files import remove_stale_temporaries, write_atomic, write_json  # noqa: F401  (re-exported)
 from prefopt.grid import lookup
 
 # Settings of the resolved config copied into every row, whether or not the grid sweeps them.
@@ -32,30 +33,8 @@ RESOLVED = ("model.model", "data.dataset", "trainer.max_steps", "data.batch_size
 RUN_FILE, METRICS_FILE, ERROR_FILE, CONFIG_FILE = "run.json", "metrics.json", "error.txt", "config.yaml"
 
 
-# ---------------------------------------------------------------------------------------------- atomic files
-def write_atomic(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path`: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
-def write_json(payload: Mapping[str, Any], path: Path) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary files a killed process left behind (`.<name>.<pid>.tmp`)."""
-    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
-        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

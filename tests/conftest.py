@@ -1,4 +1,5 @@
-"""Test-session settings: everything offline, and prefopt's cache in a fresh folder for the session.
+"""Test-session settings: everything offline, prefopt's cache in a fresh folder for the session, and the working
+folder a fresh temporary one, so that runs written to the base config's relative `runs/` never land in the checkout.
 
 Set PREFOPT_TEST_CACHE to a folder to reuse a cache (the built-in task's reference, pairs and reference log-probs)
 across test sessions; entries are keyed by hashes of their recipes and inputs, so reuse is safe.
@@ -19,6 +20,9 @@ if os.environ.get("PREFOPT_TEST_CACHE"):
 else:
     os.environ["PREFOPT_CACHE"] = tempfile.mkdtemp(prefix="prefopt-test-cache-")
     atexit.register(shutil.rmtree, os.environ["PREFOPT_CACHE"], ignore_errors=True)
+_WORKDIR = tempfile.mkdtemp(prefix="prefopt-test-cwd-")
+os.chdir(_WORKDIR)
+atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- gold task

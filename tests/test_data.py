@@ -70,9 +70,10 @@ def test_truncation_keeps_the_end_of_the_prompt_and_drops_prompts_that_fill_max_
     ("rows", "message"),
     [
         ([{"prompt": "film :", "chosen": "good"}], "missing column 'rejected'"),
-        ([{"prompt": "film :", "chosen": "good", "rejected": 3}], "row 0, field 'rejected': expected a string"),
+        ([{"prompt": "film :", "chosen": "good", "rejected": 3}],
+         r"row 1 \(counting from 1\), field 'rejected': expected a string"),
         ([{"prompt": "film :", "chosen": "good", "rejected": "bad"},
-          {"prompt": "film :", "chosen": " ", "rejected": "bad"}], "row 1, field 'chosen': empty completion"),
+          {"prompt": "film :", "chosen": " ", "rejected": "bad"}], r"row 2 \(counting from 1\), field 'chosen': empty completion"),
     ],
 )  # fmt: skip
 def test_bad_rows_name_the_file_row_and_field(rows, message, micro_model, tmp_path):

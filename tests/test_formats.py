@@ -59,8 +59,8 @@ def test_text_prompt_is_cut_after_the_last_assistant_marker_of_the_shared_part()
     prompt, c, _ = split_text("\n\nHuman: Hi.\n\nAssistant: Yes.\n\nHuman: Ok?\n\nAssistant: Ok.",
                               "\n\nHuman: Hi.\n\nAssistant: No.", "Assistant:", "src", 0)  # fmt: skip
     assert prompt == "\n\nHuman: Hi.\n\nAssistant:" and c.startswith(" Yes.")
-    with pytest.raises(RowError, match="src: row 3, fields 'chosen' and 'rejected': no 'Assistant:'"):
-        split_text("Q: hi A: yes", "Q: hi A: no", "Assistant:", "src", 3)
+    with pytest.raises(RowError, match=r"src: row 4 \(counting from 1\), fields 'chosen' and 'rejected': no 'Assistant:'"):
+        split_text("Q: hi A: yes", "Q: hi A: no", "Assistant:", "src", 3)  # row index 3: the 4th row
 
 
 def test_message_prompt_is_cut_at_a_message_boundary_before_an_assistant_turn():
@@ -72,7 +72,7 @@ def test_message_prompt_is_cut_at_a_message_boundary_before_an_assistant_turn():
     u2, u3 = {"role": "user", "content": "x"}, {"role": "user", "content": "y"}
     prompt, c, r = split_messages([USER, a1, u2, follow], [USER, a1, u3, follow], "src", 0)
     assert prompt == [USER] and c == [a1, u2, follow]
-    with pytest.raises(RowError, match="src: row 5, fields 'good' and 'bad'"):
+    with pytest.raises(RowError, match=r"src: row 6 \(counting from 1\), fields 'good' and 'bad'"):
         split_messages([a1], [a2], "src", 5, ("good", "bad"))
 
 
@@ -197,16 +197,17 @@ def test_multiprocess_tokenization_gives_the_same_examples(chat_model, tmp_path)
     ("rows", "kwargs", "message"),
     [
         (unpaired_rows(4)[:3] + [{"prompt": "p", "completion": "c", "label": 1}], {"unpaired": True},
-         "row 3, field 'label': label must be a boolean"),
-        ([{"prompt": "p", "completion": "c", "label": "true"}] * 4, {"unpaired": True}, "row 0, field 'label'"),
+         r"row 4 \(counting from 1\), field 'label': label must be a boolean"),
+        ([{"prompt": "p", "completion": "c", "label": "true"}] * 4, {"unpaired": True},
+         r"row 1 \(counting from 1\), field 'label'"),
         (hh_rows(4) + [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant:"}], {},
-         "row 4, field 'rejected': empty completion"),
+         r"row 5 \(counting from 1\), field 'rejected': empty completion"),
         (message_rows(3) + [{"chosen": [USER, {"role": "assistant"}], "rejected": [USER]}], {},
-         "row 3, field 'chosen': message 1 is not a"),
+         r"row 4 \(counting from 1\), field 'chosen': message 1 is not a"),
         (message_rows(3, "explicit") + [{"prompt": [USER], "chosen": [USER], "rejected": [USER]}], {},
-         "row 3, field 'chosen': the completion must start with an assistant message"),
+         r"row 4 \(counting from 1\), field 'chosen': the completion must start with an assistant message"),
         (message_rows(3, "explicit") + [{"prompt": [USER], "chosen": [], "rejected": [USER]}], {},
-         "row 3, field 'chosen': expected a non-empty list"),
+         r"row 4 \(counting from 1\), field 'chosen': expected a non-empty list"),
         ([{"chosen": 1, "rejected": 2}], {}, "column 'chosen' holds"),
     ],
 )  # fmt: skip
@@ -220,7 +221,7 @@ def test_bad_rows_are_errors_naming_source_row_and_field(rows, kwargs, message, 
 def test_bad_rows_are_counted_and_can_be_skipped(chat_model, tmp_path):
     bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant:"}
     path = write_jsonl(tmp_path / "some_bad.jsonl", hh_rows(16) + [bad] * 3)
-    with pytest.raises(ValueError, match=r"row 16, field 'rejected': empty completion \(2 more rows fail checks"):
+    with pytest.raises(ValueError, match=r"row 17 \(counting from 1\), field 'rejected': empty completion \(2 more rows fail checks"):
         _dm(path, chat_model)
     dm = _dm(path, chat_model, bad_rows="skip")
     assert sum(c["bad_rows"] for c in dm.drop_counts.values()) == 3
@@ -236,7 +237,7 @@ def test_identical_pairs_are_skipped_and_counted(chat_model, tmp_path):
 
 def test_a_template_that_breaks_the_prefix_property_fails_naming_the_row(tmp_path):
     model = save_byte_model(tmp_path / "broken", chat_template=BROKEN_TEMPLATE)
-    with pytest.raises(ValueError, match="row 0, field 'chosen': the chat template's rendering of the prompt .* is not a prefix"):
+    with pytest.raises(ValueError, match=r"row 1 \(counting from 1\), field 'chosen': the chat template's rendering of the prompt .* is not a prefix"):
         _dm(write_jsonl(tmp_path / "m.jsonl", message_rows(8)), model)
 
 
@@ -252,7 +253,7 @@ def test_standard_text_rows_keep_their_tokenization(micro_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def test_runs_on_conversational_and_on_unpaired_data(micro_base, chat_model, tmp_path):
+def test_runs_on_conversational_and_on_unpaired_data(micro_base, chat_model, tmp_path, capsys):
     """A DPO run on ultrafeedback-style message lists; a KTO run on unpaired rows; DPO on unpaired rows fails."""
     import json
 
@@ -267,5 +268,6 @@ def test_runs_on_conversational_and_on_unpaired_data(micro_base, chat_model, tmp
     assert cli.trainer.global_step == 4 and cli.datamodule.train_rows
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert "val/accuracy" in metrics["final"]  # validated on regrouped pairs
-    with pytest.raises(ValueError, match="unpaired rows"):
+    with pytest.raises(SystemExit) as exc:  # a data error: one `error: ...` line, exit code 2 (tests/test_errors.py)
         main(["fit", f"--model.model={chat_model}", f"--data.dataset={unpaired}"])
+    assert exc.value.code == 2 and f"error: {unpaired} holds unpaired rows" in capsys.readouterr().err

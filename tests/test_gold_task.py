@@ -53,7 +53,7 @@ def base_logprobs(responses) -> np.ndarray:
 
 
 def test_vocabulary_and_topic_split():
-    assert len(task.VOCAB) == 41 == len(set(task.VOCAB))  # 40 words of GOLD_TASK.md plus <unk>
+    assert len(task.VOCAB) == 41 == len(set(task.VOCAB))  # docs/gold_task.md: 36 content words, 4 special tokens, ':'
     assert task.VOCAB[:5] == ("<pad>", "<bos>", "<eos>", "<unk>", ":")
     assert set(task.TRAIN_TOPICS) | set(task.HELDOUT_TOPICS) == set(task.TOPICS)
     assert len(task.TRAIN_TOPICS) == 8 and not set(task.TRAIN_TOPICS) & set(task.HELDOUT_TOPICS)

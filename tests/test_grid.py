@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
@@ -251,7 +252,7 @@ def test_resume_skips_complete_runs_and_reruns_failed_and_unfinished_ones(tmp_pa
         metrics = out / "runs" / name / "metrics.json"
         metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()), finished=False)))
     (out / "runs" / "dpo_beta1_seed0" / "checkpoints").mkdir()
-    (out / "runs" / "dpo_beta1_seed0" / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    torch.save({"global_step": 1}, out / "runs" / "dpo_beta1_seed0" / "checkpoints" / "last.ckpt")
     monkeypatch.delenv("STUB_FAIL_BETA")
     assert run_grid(path, out) == 0
     again = {r["run"]: r for r in calls(stub)[4:]}
@@ -264,6 +265,26 @@ def test_resume_skips_complete_runs_and_reruns_failed_and_unfinished_ones(tmp_pa
     assert run_grid(path, out) == 0 and len(calls(stub)) == 7
     changed = write_grid(tmp_path, {"set": {"trainer.max_steps": 3}, "axes": {"model.loss.beta": [0.5, 1.0, 2.0, 13.0]}})
     assert run_grid(changed, out) == 0 and len(calls(stub)) == 11
+
+
+def test_a_grid_whose_first_runs_all_fail_alike_stops_with_one_message(tmp_path, stub, monkeypatch, capsys):
+    monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
+    path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2, 3, 4, 5], "model.loss.beta": [13.0]}})
+    assert run_grid(path, tmp_path / "out", "--workers", "1") == 1
+    assert len(calls(stub)) == 3, "no run is started after the first three failed alike"
+    err = capsys.readouterr().err
+    assert "stopped: the first 3 runs all failed with" in err and "boom: beta 13.0 fails" in err
+    assert "error.txt" in err
+
+
+def test_a_grid_whose_runs_fail_differently_goes_on(tmp_path, stub, monkeypatch):
+    """Different errors may be the runs' own: the grid stops only on the same error."""
+    monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
+    path = write_grid(tmp_path, {"variants": [{"model.loss.name": "dpo", "model.loss.beta": [13.0, 0.5]},
+                                              {"model.loss.name": "ipo", "model.loss.beta": [13.0]}],
+                                 "axes": {"seed": [0, 1]}})  # fmt: skip
+    assert run_grid(path, tmp_path / "out", "--workers", "1") == 1
+    assert len(calls(stub)) == 6
 
 
 def test_table_writes_are_atomic(tmp_path, monkeypatch):

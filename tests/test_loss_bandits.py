@@ -1,4 +1,6 @@
-"""Tabular bandits: each loss, trained to convergence, lands on its analytic optimum (shared/LOSSES.md, pitfall 11).
+"""Tabular bandits: each loss, trained to convergence, lands on its analytic optimum.
+
+The optima: docs/loss_pitfalls.md, 'Known analytic optima'.
 
 One prompt, K arms. The policy is a categorical over the arms with logits theta (initialized at the reference), the
 reference a fixed categorical mu. Each arm is a one-token completion, so its log-prob is log softmax(theta)[arm].

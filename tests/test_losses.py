@@ -174,7 +174,7 @@ def _const(value: float) -> Callable[[], list[float]]:
 
 
 EPS_EXO = 1e-3
-# name -> (hyperparameters, expected values at init); shared/LOSSES.md's column, or the data-dependent value
+# name -> (hyperparameters, expected values at init, h = r = 0); the formula's value there, or the data-dependent value
 INIT: dict[str, tuple[dict, Callable[[], list[float]]]] = {
     "dpo": ({}, _const(LN2)),
     "cdpo": ({"label_smoothing": 0.1}, _const(LN2)),

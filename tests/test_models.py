@@ -108,7 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(micro_model, micro_pair
         module = PreferenceModule(model=str(micro_model), gradient_checkpointing=checkpointing, reference_cache=False)
         module.configure_model()
         assert any(getattr(m, "gradient_checkpointing", False) for m in module.policy.modules()) == checkpointing
-        module.training_step(batch, 0).backward()
+        module.training_step(batch, 0)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 

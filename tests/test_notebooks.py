@@ -6,6 +6,10 @@ two seeds, then the report; the notebooks get the results folder through PREFOPT
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -67,3 +71,35 @@ def test_notebook_runs(path, micro_results, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook draws its plots"
     source = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     assert "import prefopt" not in source and "from prefopt" not in source, "notebooks read tables only"
+
+
+def readme_notebook_command() -> str:
+    """The README's notebook command: the one line of its bash blocks that starts with `PREFOPT_RESULTS=`."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("PREFOPT_RESULTS=")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_the_readme_notebook_command_runs(micro_results, tmp_path):
+    command = readme_notebook_command()
+    # Only two things change: the results folder (the micro grid's, not the committed results/default, so that a
+    # fresh grid's tables are what is read) and the output (under tmp_path, not a /tmp file every session shares).
+    # The results folder stays relative to the repository root, as in the README, so the notebook's resolution of
+    # a relative PREFOPT_RESULTS against the caller's directory is what this runs.
+    results, output = "PREFOPT_RESULTS=results/default ", "--output /tmp/out.ipynb"
+    assert results in command and output in command, command
+    relative = os.path.relpath(micro_results, ROOT)
+    out = tmp_path / "out.ipynb"
+    command = command.replace(results, f"PREFOPT_RESULTS={shlex.quote(relative)} ")
+    command = command.replace(output, f"--output {shlex.quote(str(out))}")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the inline backend draws figures as outputs
+    done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    hint = "(pip install -e '.[analysis]' installs jupyter nbconvert)"
+    assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}\n{hint}"
+    notebook = nbformat.read(out, as_version=4)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook draws its plots"
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"from {micro_results.resolve()}" in printed, printed

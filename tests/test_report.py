@@ -234,6 +234,24 @@ def test_report_writes_tables_and_pngs(tmp_path, capsys):
     assert set(pd.read_csv(folder / "matched_kl.csv")["curve"]) == {"dpo", "ipo"}
 
 
+def test_curves_have_a_panel_per_loss_coloured_by_hyperparameter(tmp_path):
+    """dpo: 3 betas x 3 seeds; ipo: 2 betas x 3 seeds (its failed beta-1 run left out)."""
+    import matplotlib.pyplot as plt
+
+    from prefopt import plots
+
+    runs, _, history = report.read_tables(gold_results(tmp_path))
+    fig = plots.curves_figure(history, rk.with_curves(runs))
+    top = [ax for ax in fig.axes if ax.get_subplotspec().is_first_row()]
+    assert [ax.get_title() for ax in top] == ["dpo", "ipo"]  # one column of panels per loss
+    assert len(fig.axes) == 3 * len(top)  # a row per metric: gold reward, sampled KL, accuracy
+    for ax, labels in zip(top, (["beta 0.5", "beta 1", "beta 2"], ["beta 0.5", "beta 2"])):
+        assert ax.get_legend() is not None and [t.get_text() for t in ax.get_legend().get_texts()] == labels
+        lines = ax.get_lines()  # a line per seed and one for the mean, in the colour of their setting
+        assert len(lines) == 4 * len(labels) and len({line.get_color() for line in lines}) == len(labels)
+    plt.close(fig)
+
+
 def test_report_on_runs_without_gold_metrics_prints_the_summary(tmp_path, capsys):
     dirs = [fake_run(tmp_path / "runs", "dpo", {"name": "dpo", "beta": 0.1}, s, {"val/accuracy": 0.6 + s / 10})
             for s in range(2)]  # fmt: skip

@@ -256,8 +256,8 @@ def test_training_step_loss_is_the_same_with_every_lever(micro_model, micro_pair
                         p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
     dm = _dm(micro_model, micro_pairs)
     examples = dm.train_examples[:4]
-    expected = plain.training_step(dm.collate_pairs(examples), 0)
-    got = fast.training_step(dm.collate_shared_pairs(examples), 0)
+    expected = plain.training_step(dm.collate_pairs(examples), 0)["loss"]
+    got = fast.training_step(dm.collate_shared_pairs(examples), 0)["loss"]
     assert abs(got.item() - expected.item()) < 1e-6
 
 
@@ -360,7 +360,7 @@ def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_p
         with torch.no_grad():  # move the policy off its reference so that the loss has a gradient to compare
             for p in module.policy.parameters():
                 p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).reshape(p.shape))
-        loss = module.training_step(batch, 0)
+        loss = module.training_step(batch, 0)["loss"]
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad for p in module.policy.parameters()])

@@ -25,8 +25,9 @@ Every loss is a pure function of a log-prob record (`prefopt.records.PairLogps` 
 names a loss and its hyperparameters, e.g. `{{name: dpo, beta: 0.1}}`; unknown names, unknown
 hyperparameters and out-of-range values fail when the config is parsed.
 
-Notation (shared/LOSSES.md): logp(y) is the completion log-prob summed over tokens, |y| its token count,
-avg(y) = logp(y)/|y|, r = logp(y) - ref_logp(y), h = r_w - r_l, L(z) = -log sigmoid(z), NLL(y) = -logp(y).
+Notation (with the pitfalls behind these choices: [loss_pitfalls.md](loss_pitfalls.md)): logp(y) is the completion
+log-prob summed over tokens, |y| its token count, avg(y) = logp(y)/|y|, r = logp(y) - ref_logp(y), h = r_w - r_l,
+L(z) = -log sigmoid(z), NLL(y) = -logp(y).
 "Reward scale" is the factor the shared metrics multiply the reference-based margin h by (`reward_margin`);
 1 means raw nats.
 """

@@ -1,6 +1,6 @@
 """Preference losses on (prompt, chosen, rejected) pairs that use a frozen reference and act on the margin h.
 
-Notation (shared/LOSSES.md): r_w = logp(y_w) - ref_logp(y_w), r_l likewise, h = r_w - r_l, L(z) = -log sigmoid(z).
+Notation (docs/loss_pitfalls.md): r_w = logp(y_w) - ref_logp(y_w), r_l likewise, h = r_w - r_l, L(z) = -log sigmoid(z).
 Log-probs are summed over completion tokens unless a docstring says otherwise. Every function returns per-pair
 losses, shape (B,); the batch loss is their mean. The losses that score r_w and r_l separately are in
 `per_response.py`; the generic options (LD-DPO, WPO) are applied around every one of them by `options.py`.
@@ -139,8 +139,8 @@ def rdpo(
 
     With that penalized reward, Bradley-Terry on r gives r_w - r_l = beta h + alpha (|y_w| - |y_l|): the length
     difference enters with a plus sign, so a longer chosen response already "explains" part of the preference
-    and gets less push (the paper's loss). Several implementations (and shared/LOSSES.md) subtract the term,
-    which pushes harder on longer chosen responses; length_term=subtract reproduces them.
+    and gets less push (the paper's loss). Several implementations subtract the term, which pushes harder on
+    longer chosen responses; length_term=subtract reproduces them.
     """
     length_gap = lp.chosen_lengths - lp.rejected_lengths  # (B,)
     sign = 1.0 if length_term == "add" else -1.0

@@ -2,7 +2,7 @@
 
 These losses anchor each response's log-ratio r against 0 (or a running reward shift), so they can raise or
 lower the absolute likelihood of the chosen response, which the margin-only losses in `paired.py` cannot.
-Notation (shared/LOSSES.md): r_w = logp(y_w) - ref_logp(y_w), r_l likewise, L(z) = -log sigmoid(z); log-probs
+Notation (docs/loss_pitfalls.md): r_w = logp(y_w) - ref_logp(y_w), r_l likewise, L(z) = -log sigmoid(z); log-probs
 summed over completion tokens. Every function returns per-pair losses, shape (B,).
 """
 

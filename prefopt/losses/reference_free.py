@@ -1,12 +1,12 @@
 """Pair losses that need no reference model at training time.
 
 Their own "rewards" (beta * logp, beta * avg, log odds) are not DPO's implicit reward beta * (logp - ref_logp)
-(shared/LOSSES.md pitfall 6). The shared metrics scale the reference-based log-ratio margin by `reward_scale`:
-`beta` where the loss's beta multiplies summed log-probs exactly as DPO's does (cpo), and 1 (raw nats) where it
-does not (simpo's beta multiplies per-token averages, orpo's lambda weighs a log-odds term, slic and sft have no
-scale). Notation: logp summed over completion tokens, avg(y) = logp(y)/|y|, L(z) = -log sigmoid(z),
+(docs/loss_pitfalls.md, 'Reference-free rewards are not DPO's rewards'). The shared metrics scale the
+reference-based log-ratio margin by `reward_scale`: `beta` where the loss's beta multiplies summed log-probs
+exactly as DPO's does (cpo), and 1 (raw nats) where it does not (simpo's beta multiplies per-token averages, orpo's
+lambda weighs a log-odds term, slic and sft have no scale). Notation: logp summed over completion tokens, avg(y) = logp(y)/|y|, L(z) = -log sigmoid(z),
 NLL(y) = -logp(y). Every function returns per-pair losses, shape (B,). Empty completions (|y| = 0) would make
-averages 0/0 (pitfall 9): token counts are clamped at 1 wherever they divide.
+averages 0/0 (docs/loss_pitfalls.md, 'Empty completions'): token counts are clamped at 1 wherever they divide.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def orpo(lp: PairLogps, *, lam: NonNegative = 0.1) -> Tensor:
     """ORPO: supervised fine-tuning on the chosen response plus a log odds-ratio penalty, weighted by lambda.
 
     The NLL is the chosen *completion's* per-token NLL, as the paper writes it; the original code computes it
-    over prompt + completion tokens (pitfall 8), which the record does not carry. lambda weighs a loss term and
-    does not scale a reward, so it is named lam, not beta (TRL calls it beta), and reward_scale is 1.
+    over prompt + completion tokens (docs/loss_pitfalls.md, 'ORPO's NLL: completion or prompt and completion'),
+    which the record does not carry. lambda weighs a loss term and does not scale a reward, so it is named lam,
+    not beta (TRL calls it beta), and reward_scale is 1.
     Deviation: avg(y) is clamped at -1e-6 in the odds, so a completion of probability 1 gives finite odds.
     """
     avg_w = _avg(lp.policy_chosen_logps, lp.chosen_lengths)  # (B,)

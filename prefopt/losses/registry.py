@@ -129,7 +129,7 @@ class LossSpec:
     name: str
     fn: Callable[..., Tensor]
     paper: str  # authors, year, arXiv id, and the equation
-    formula: str  # the per-example loss in one line, in shared/LOSSES.md notation
+    formula: str  # the per-example loss in one line, in the notation of docs/loss_pitfalls.md
     needs_reference: bool  # does training need reference log-probs?
     paired: bool  # True: (prompt, chosen, rejected) pairs; False: (prompt, completion, label) rows
     aggregation: str  # how completion log-probs are aggregated: "sum", "mean", or which option decides
@@ -245,6 +245,17 @@ class LossConfig:
             raise ValueError(f"a loss is a mapping with a 'name' key (valid names: {', '.join(loss_names())}), got {value!r}")
         params = dict(value)
         return cls(params.pop("name"), **params)
+
+    @classmethod
+    def updated(cls, loss: Any, updates: Mapping[str, Any]) -> LossConfig:
+        """`loss` (any `from_value` input, None for DPO's defaults) with some hyperparameters changed: what a dotted
+        key such as `model.loss.beta` sets. A `name` that differs from the loss's starts from that loss's defaults
+        (the old hyperparameters belong to another loss)."""
+        base = cls.from_value(loss).to_dict() if loss is not None else {"name": "dpo"}
+        name = updates.get("name")
+        if name is not None and name != base["name"]:
+            base = {"name": name}
+        return cls.from_value({**base, **updates})
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.params}

@@ -2,7 +2,8 @@
 
 Notation: r = logp(y) - ref_logp(y), summed over completion tokens. Every function returns per-row losses,
 shape (B,); the batch loss is their mean. Paired data becomes unpaired rows by splitting each pair into a
-desirable and an undesirable row; the batches must then mix both labels (shared/LOSSES.md pitfall 7).
+desirable and an undesirable row; the batches must then mix both labels (docs/loss_pitfalls.md, 'KTO needs mixed
+batches').
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     inputs = build_inputs(WORKDIR, args.size, (args.batches + 3) * 8)
     dm = PreferenceDataModule(dataset=inputs["dataset"], tokenizer=inputs["model"], batch_size=8, max_length=128,
-                              share_prompt=True, val_split="validation")  # fmt: skip
+                              share_prompt=True, val_split="validation")
     dm.setup("fit")
     ex = dm.train_examples
     data = [dm.collate_shared_pairs(ex[i : i + 8]) for i in range(0, 8 * args.batches, 8)]

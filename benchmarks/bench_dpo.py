@@ -87,9 +87,9 @@ def run_one(contender: str, inputs: dict, mode: str, warmup: int, steps: int, ba
     """One run in its own process; its output goes to `log`. None (and a message) if it fails or outlasts `timeout`."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(HERE / "contenders.py"), contender.split("[")[0], json.dumps(inputs), mode, str(warmup),
-           str(steps), str(batch), str(threads), json.dumps(extra)]  # fmt: skip
+           str(steps), str(batch), str(threads), json.dumps(extra)]
     ticks = os.sysconf("SC_CLK_TCK")
     children0 = os.times()
     b0, t0 = cpu_times()
@@ -145,7 +145,7 @@ def summarize(runs: list[dict], params: dict[str, int], peak: float) -> list[dic
             "vs_trl_paired": paired_ratio(runs, rs, "trl"),
             "spread": (max(r["pairs"] / r["elapsed_s"] for r in rs) - min(r["pairs"] / r["elapsed_s"] for r in rs))
                       / med(lambda r: r["pairs"] / r["elapsed_s"]),
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -155,7 +155,7 @@ def paired_ratio(runs: list[dict], rs: list[dict], other: str) -> float | None:
     of the medians."""
     rate = {(r["size"], r["mode"], r["contender"], r["repeat"]): r["pairs"] / r["elapsed_s"] for r in runs}
     ratios = [rate[r["size"], r["mode"], r["contender"], r["repeat"]] / rate[r["size"], r["mode"], other, r["repeat"]]
-              for r in rs if (r["size"], r["mode"], other, r["repeat"]) in rate]  # fmt: skip
+              for r in rs if (r["size"], r["mode"], other, r["repeat"]) in rate]
     return statistics.median(ratios) if ratios else None
 
 
@@ -163,7 +163,7 @@ def table(rows: list[dict], params: dict[str, int]) -> str:
     gpu = any(r["peak_gpu_mb"] for r in rows)
     out = ["| size | reference | contender | pairs/s | vs TRL | vs TRL, paired | vs plain | completion tok/s | peak RSS MB "
            + ("| peak GPU MB " if gpu else "") + "| FLOP util (all tokens) | FLOP util (useful) | spread | others' CPU (max) |",
-           "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|---|"]  # fmt: skip
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|---|"]
     by = {(r["size"], r["mode"], r["contender"]): r for r in rows}
     for r in rows:
         trl, plain = by.get((r["size"], r["mode"], "trl")), by.get((r["size"], r["mode"], "plain"))
@@ -174,7 +174,7 @@ def table(rows: list[dict], params: dict[str, int]) -> str:
         out.append(f"| {size} | {mode} | {r['contender']} | {r['pairs_per_s']:.2f} | {vs(trl)} | {paired} | {vs(plain)} "
                    f"| {r['completion_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
                    + (f"| {r['peak_gpu_mb']:.0f} " if gpu else "") + f"| {r['util_all']:.2f} "
-                   f"| {r['util_useful']:.2f} | {r['spread']:.0%} | {r['others_busy_max']:.0%} |")  # fmt: skip
+                   f"| {r['util_useful']:.2f} | {r['spread']:.0%} | {r['others_busy_max']:.0%} |")
     return "\n".join(out)
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="an extra prefopt contender 'prefopt[NAME]' with these CLI overrides (space-separated), "
                          "e.g. 'eager=--model.compile=false'; repeatable; default: the profile's (gpu: "
                          f"flex_attention), else '{BASE_VARIANT}' (configs/base.yaml's speed settings); 'none' for "
-                         "no variant")  # fmt: skip
+                         "no variant")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the clock starts")
     ap.add_argument("--steps", nargs="+", default=None, help="timed steps per size, SIZE=N")
@@ -226,16 +226,16 @@ def main(argv: list[str] | None = None) -> None:
 
     params = {s: sum(p.numel() for p in make_model(s).parameters()) for s in args.sizes}
     inputs = {s: build_inputs(Path(args.workdir), s, (args.warmup + steps[s]) * args.batch, profile=args.profile)
-              for s in args.sizes}  # fmt: skip
+              for s in args.sizes}
     for s in args.sizes:
         inputs[s].update(device="cuda" if gpu else "cpu", bf16=gpu, max_length=args.max_length)
     measure_peak = gpu_bf16_peak_gflops if gpu else (lambda: matmul_peak_gflops(args.threads))
     machine = (torch.cuda.get_device_name() if gpu else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}")
     setting = (f"batch {args.batch}, max length {args.max_length}, {'bf16 mixed precision' if gpu else 'fp32'}, "
-               f"{args.warmup} warm-up steps, then {', '.join(args.steps)} timed")  # fmt: skip
+               f"{args.warmup} warm-up steps, then {', '.join(args.steps)} timed")
     record = {"date": str(datetime.date.today()), "machine": machine, "setting": setting, "params": params,
-              "peaks": [], "runs": [], "argv": sys.argv[1:]}  # fmt: skip
+              "peaks": [], "runs": [], "argv": sys.argv[1:]}
     wait_until_quiet(args.quiet_below, args.max_wait)
     record["peaks"].append(measure_peak())
     out = Path(args.out)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                     name = contender.replace("[", "-").rstrip("]")  # prefopt[base] -> prefopt-base: a plain file name
                     log = Path(args.logs or Path(args.workdir) / "logs") / f"{rep}-{size}-{mode}-{name}.log"
                     r = run_one(contender, inputs[size], mode, args.warmup, steps[size], args.batch, args.threads,
-                                variants.get(contender, []), log, args.run_timeout)  # fmt: skip
+                                variants.get(contender, []), log, args.run_timeout)
                     if r is None:
                         continue
                     r.update(contender=contender, size=size, repeat=rep, busy_before=before, loadavg=os.getloadavg()[0])
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[{rep}] {size} {mode:6s} {contender:8s} {r['pairs'] / r['elapsed_s']:7.2f} pairs/s  "
                           f"rss {r['peak_rss_mb']:.0f} MB  gpu {r['peak_gpu_mb']:.0f} MB  others {r['others_busy']:.0%}"
                           f"  unmatched {r['unmatched_rows']}  identified {r['pairs_identified']}/{r['pairs']}",
-                          flush=True)  # fmt: skip
+                          flush=True)
     wait_until_quiet(args.quiet_below, args.max_wait)
     record["peaks"].append(measure_peak())
     out.write_text(json.dumps(record, indent=1))
@@ -270,10 +270,10 @@ def report(record: dict) -> str:
     sizes = sorted({r["size"] for r in record["runs"]}, key=list(record["params"]).index)
     repeats = {s: len({r["repeat"] for r in record["runs"] if r["size"] == s}) for s in sizes}
     counts = (f"{next(iter(repeats.values()))}" if len(set(repeats.values())) == 1
-              else ", ".join(f"{n} ({s})" for s, n in repeats.items()))  # fmt: skip
+              else ", ".join(f"{n} ({s})" for s, n in repeats.items()))
     header = (f"{record['date']}, {record['machine']}; matmul peak {peak:.0f} GFLOP/s (best of the measurements "
               f"before and after: {', '.join(f'{p:.0f}' for p in record['peaks'])}); median of {counts}; "
-              f"{record['setting']}")  # fmt: skip
+              f"{record['setting']}")
     return "\n" + header + "\n\n" + table(summarize(record["runs"], record["params"], peak), record["params"])
 
 

@@ -27,7 +27,7 @@ from common import MODEL_SIZES, make_model, matmul_peak_gflops  # noqa: E402
 
 # torch.profiler event names -> the part of a step they belong to (first match wins; self time only)
 PARTS = (("matmuls", ("aten::mm", "aten::addmm", "aten::bmm")), ("attention", ("scaled_dot_product",)),
-         ("fused element-wise (inductor)", ("CompiledFxGraph",)), ("optimizer", ("adamw", "Optimizer.")))  # fmt: skip
+         ("fused element-wise (inductor)", ("CompiledFxGraph",)), ("optimizer", ("adamw", "Optimizer.")))
 
 
 def part_of(name: str) -> str:

@@ -129,7 +129,7 @@ def tokenized_pairs(jsonl: str, tokenizer) -> list[dict[str, list[int]]]:
             "prompt_ids": tokenizer(r["prompt"])["input_ids"],
             "chosen_ids": tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] + eos,
             "rejected_ids": tokenizer(r["rejected"], add_special_tokens=False)["input_ids"] + eos,
-        })  # fmt: skip
+        })
     return out
 
 

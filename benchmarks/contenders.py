@@ -194,7 +194,7 @@ def run_trl(inputs: dict[str, str], live: bool, warmup: int, steps: int, batch: 
         max_steps=warmup + steps, bf16=inputs["bf16"], fp16=False, gradient_checkpointing=False,
         use_cpu=inputs["device"] == "cpu", precompute_ref_log_probs=not live, optim="adamw_torch_fused",
         save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+    )
     train = datasets.load_dataset("json", data_files=inputs["jsonl"], split="train")
     trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tok, callbacks=[Clock()])
     window.attach(trainer.model, "policy")
@@ -224,7 +224,7 @@ def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, bat
         *(["--trainer.precision=bf16-mixed"] if inputs["bf16"] else []),
         f"--trainer.callbacks+={json.dumps({'class_path': 'prefopt_clock.Clock', 'init_args': {'warmup': warmup, 'steps': steps}})}",
         *extra,
-    ])  # fmt: skip
+    ])
     clock = next(c for c in cli.trainer.callbacks if isinstance(c, Clock))
     return clock.window.result(steps, batch)
 

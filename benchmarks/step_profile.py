@@ -61,7 +61,7 @@ class StepProfiler(L.Callback):
             busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CPU") / 1e6 / self.steps
             launches = sum(e.count for e in events if e.device_type.name == "CUDA") / self.steps
             print(f"\nPROFILE {wall * 1e3:.1f} ms a step (wall); kernels {busy * 1e3:.1f} ms a step "
-                  f"({busy / wall:.0%} busy), {launches:.0f} kernel launches a step", flush=True)  # fmt: skip
+                  f"({busy / wall:.0%} busy), {launches:.0f} kernel launches a step", flush=True)
             print(events.table(sort_by="self_device_time_total", row_limit=self.rows, max_name_column_width=70))
         else:
             print(f"\nPROFILE {wall * 1e3:.1f} ms a step (wall)", flush=True)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs.update(device="cuda" if gpu else "cpu", bf16=gpu, max_length=prof["max_length"])
     callback = {"class_path": "step_profile.StepProfiler", "init_args": {"warmup": args.warmup, "steps": args.steps}}
     result = run_prefopt(inputs, args.mode == "live", args.warmup, args.steps, batch,
-                         prof.get("prefopt_args", "").split() + [f"--trainer.callbacks+={json.dumps(callback)}", *extra])  # fmt: skip
+                         prof.get("prefopt_args", "").split() + [f"--trainer.callbacks+={json.dumps(callback)}", *extra])
     print(f"pairs/s over the profiled steps (profiler on): {result['pairs'] / result['elapsed_s']:.2f}")
 
 

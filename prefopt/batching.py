@@ -1,4 +1,8 @@
-"""Length-grouped batching: batches of similar lengths, so that less of each padded batch is padding.
+"""Batches: the training samplers (a seeded, rank-aware shuffle; length-grouped batches), the resumable loader and
+the collation of prompt + completion rows.
+
+`EpochSeededSampler` is the shuffle every training run uses: its order depends only on (seed, epoch).
+`LengthGroupedSampler` (`data.group_by_length`) makes batches of similar lengths:
 
 Within each window of `group` consecutive (global) batches of the usual seeded shuffle, examples are sorted by
 length and cut into batches again; then the batches of the whole epoch are shuffled, so that lengths do not drift
@@ -12,8 +16,44 @@ and the loss of any given batch are unchanged). `group: 1` gives the plain shuff
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
 
-from prefopt.data import EpochSeededSampler
+
+class EpochSeededSampler(DistributedSampler):
+    """A shuffling sampler whose order depends only on (seed, epoch), not on the global RNG; rank-aware.
+
+    Lightning calls `set_epoch` each epoch. With several processes (DDP), rank r takes every world_size-th index of
+    the one global order, so a step's global batch is the same set of examples as in a single-process run with
+    world_size times the batch (the remainder that does not divide evenly is dropped). `skip` drops the first
+    indices of this rank's next pass (a resumed epoch).
+
+    It subclasses DistributedSampler only so that Lightning uses it as it is: Lightning wraps any other sampler
+    in a DistributedSampler of its own, which would reshuffle the order.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:  # no super().__init__:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size  # it needs a process group
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def generator(self) -> torch.Generator:
+        """The random stream of this (seed, epoch)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def global_order(self) -> list[int]:
+        """All indices of this epoch, before the split over ranks."""
+        return torch.randperm(self.size, generator=self.generator()).tolist()
+
+    def __iter__(self):
+        mine = self.global_order()[self.rank :: self.world_size][: len(self)][self.skip :]
+        self.skip = 0
+        return iter(mine)
 
 
 class LengthGroupedSampler(EpochSeededSampler):
@@ -54,3 +94,39 @@ def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> f
         padded += max(batch) * len(batch)
         used += sum(batch)
     return 1.0 - used / padded if padded else 0.0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable; its position is restored by the DataModule.
+
+    Lightning pre-fetches one batch, so a count kept by the loader itself would be one ahead of training. The
+    DataModule instead reads the trainer's own count of completed batches when it builds the loader on resume.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> Tensor:
+    width = max(map(len, rows))
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad prompt + completion rows; completion_mask marks the completion tokens only."""
+    ids = [p + c for p, c in zip(prompts, completions)]
+    input_ids = _pad(ids, pad_id)  # (N, T)
+    positions = torch.arange(input_ids.shape[1])
+    plen = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
+    total = torch.tensor([len(r) for r in ids]).unsqueeze(1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (positions < total).long(),
+        "completion_mask": ((positions >= plen) & (positions < total)).long(),
+    }

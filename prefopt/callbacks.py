@@ -120,7 +120,7 @@ class MetricsJson(L.Callback):
             "history": self.history,
             "data_hash": self.data_hash,
             "finished": finished,
-        }, path)  # fmt: skip
+        }, path)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -158,7 +158,7 @@ def _validates(trainer: L.Trainer) -> bool:
 
 
 SUMMARY = ("val/gold/gold_reward", "val/gold/sampled_kl", "val/gold/frontier_gap", "val/gold_heldout/gold_reward",
-           "val/kl_per_token", "val/margin_nats", "val/accuracy", "val/loss", "train/loss")  # fmt: skip
+           "val/kl_per_token", "val/margin_nats", "val/accuracy", "val/loss", "train/loss")
 
 
 def summary_table(metrics: dict[str, float], step: int, path: Path) -> str:

@@ -42,7 +42,7 @@ def run_name(loss: LossConfig, seed: int | None, dataset: str = BUILTIN, model: 
     defaults = loss.spec.defaults()
     source = [_short(s) for s in (dataset, model) if s != BUILTIN]
     params = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
-              for k, v in loss.params.items() if v != defaults.get(k) and not isinstance(v, list)]  # fmt: skip
+              for k, v in loss.params.items() if v != defaults.get(k) and not isinstance(v, list)]
     return "_".join(source + [loss.name] + params + [f"seed{seed}"])
 
 
@@ -146,7 +146,7 @@ class PrefoptCLI(LightningCLI):
             args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if args.get("name") in (None, "auto"):
                 args["name"] = run_name(config.model.loss, config.seed_everything, config.data.dataset,
-                                        config.model.model)  # fmt: skip
+                                        config.model.model)
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # Lightning refuses a progress-bar callback beside enable_progress_bar=false: the flag wins here.
             config.trainer.callbacks = [c for c in config.trainer.callbacks if not _is_progress_bar(c)]
@@ -180,7 +180,7 @@ def _remove_new_files(log_dir: Path, before: set[Path], stop: Path) -> None:
         folder = folder.parent
 
 
-TOOLS = {"grid": "prefopt.grid", "report": "prefopt.report", "export": "prefopt.export"}  # not Lightning's
+TOOLS = {"grid": "prefopt.grid_cli", "report": "prefopt.report", "export": "prefopt.export"}  # not Lightning's
 
 
 def _show_info_logs() -> None:

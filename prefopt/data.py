@@ -40,9 +40,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from prefopt import formats
+from prefopt.batching import EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows
 from prefopt.formats import DataError
 from prefopt.models import BUILTIN, load_tokenizer
 from prefopt.sources import load_rows
@@ -57,78 +58,6 @@ class GoldData:
     pairs_per_prompt: int = 500  # training pairs per training prompt (8 prompts)
     val_pairs_per_prompt: int = 64  # held-out pairs per training prompt, for the pair metrics
     label_temperature: float = 1.0  # Bradley-Terry temperature T of the labels; 0 = deterministic labels
-
-
-class EpochSeededSampler(DistributedSampler):
-    """A shuffling sampler whose order depends only on (seed, epoch), not on the global RNG; rank-aware.
-
-    Lightning calls `set_epoch` each epoch. With several processes (DDP), rank r takes every world_size-th index of
-    the one global order, so a step's global batch is the same set of examples as in a single-process run with
-    world_size times the batch (the remainder that does not divide evenly is dropped). `skip` drops the first
-    indices of this rank's next pass (a resumed epoch).
-
-    It subclasses DistributedSampler only so that Lightning uses it as it is: Lightning wraps any other sampler
-    in a DistributedSampler of its own, which would reshuffle the order.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:  # no super().__init__:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size  # it needs a process group
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size // self.world_size
-
-    def generator(self) -> torch.Generator:
-        """The random stream of this (seed, epoch)."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-
-    def global_order(self) -> list[int]:
-        """All indices of this epoch, before the split over ranks."""
-        return torch.randperm(self.size, generator=self.generator()).tolist()
-
-    def __iter__(self):
-        mine = self.global_order()[self.rank :: self.world_size][: len(self)][self.skip :]
-        self.skip = 0
-        return iter(mine)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable; its position is restored by the DataModule.
-
-    Lightning pre-fetches one batch, so a count kept by the loader itself would be one ahead of training. The
-    DataModule instead reads the trainer's own count of completed batches when it builds the loader on resume.
-    """
-
-    def state_dict(self) -> dict[str, int]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        pass
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> Tensor:
-    width = max(map(len, rows))
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def collate_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad prompt + completion rows; completion_mask marks the completion tokens only."""
-    ids = [p + c for p, c in zip(prompts, completions)]
-    input_ids = _pad(ids, pad_id)  # (N, T)
-    positions = torch.arange(input_ids.shape[1])
-    plen = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
-    total = torch.tensor([len(r) for r in ids]).unsqueeze(1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": (positions < total).long(),
-        "completion_mask": ((positions >= plen) & (positions < total)).long(),
-    }
 
 
 def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
@@ -241,7 +170,7 @@ class PreferenceDataModule(L.LightningDataModule):
             train_path, val_path = ensure_pairs(
                 ensure_reference(), seed=hp.seed, pairs_per_prompt=self.gold.pairs_per_prompt,
                 val_pairs_per_prompt=self.gold.val_pairs_per_prompt, label_temperature=self.gold.label_temperature,
-            )  # fmt: skip
+            )
             return load_rows(str(train_path)), load_rows(str(val_path)), str(train_path), str(val_path)
         train = load_rows(hp.dataset, hp.subset, hp.train_split)
         name = hp.dataset if hp.train_split == "train" else f"{hp.dataset}[{hp.train_split}]"
@@ -268,10 +197,10 @@ class PreferenceDataModule(L.LightningDataModule):
         layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train)
         if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
-                            f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")  # fmt: skip
+                            f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")
         if not layout.paired and not hp.unpaired:
             raise DataError(f"{train_name} holds unpaired rows (prompt, completion, label): it trains unpaired losses "
-                            "(e.g. kto) only; this loss needs chosen/rejected pairs")  # fmt: skip
+                            "(e.g. kto) only; this loss needs chosen/rejected pairs")
         encode = dict(tokenizer=self.tokenizer, marker=hp.assistant_marker, num_proc=hp.num_proc)
         train = self._check_errors(formats.encode(train, layout, source=train_name, **encode), train_name)
         if val is None and not layout.paired:  # hold out whole prompts, so that validation pairs can be regrouped
@@ -348,9 +277,9 @@ class PreferenceDataModule(L.LightningDataModule):
             "chosen and rejected completions and %d that fail checks", name, split, len(out),
             "pairs" if self.layout.paired else "rows", truncated, len(too_long_prompt), hp.max_length, examples,
             identical, bad,
-        )  # fmt: skip
+        )
         self.drop_counts[split] = {"prompt_too_long": len(too_long_prompt), "identical": identical,
-                                   "truncated": truncated, "bad_rows": bad}  # fmt: skip
+                                   "truncated": truncated, "bad_rows": bad}
         return out
 
     @staticmethod
@@ -360,7 +289,7 @@ class PreferenceDataModule(L.LightningDataModule):
         for r in rows:
             groups.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if r["desirable"] else 1].append(r["completion_ids"])
         pairs = [{"prompt_ids": list(p), "chosen_ids": c, "rejected_ids": r}
-                 for p, (good, bad) in groups.items() for c, r in zip(good, bad) if c != r]  # fmt: skip
+                 for p, (good, bad) in groups.items() for c, r in zip(good, bad) if c != r]
         log.info("%s: %d validation pairs regrouped from %d unpaired rows", name, len(pairs), len(rows))
         return pairs
 
@@ -386,7 +315,7 @@ class PreferenceDataModule(L.LightningDataModule):
         from prefopt.prefix_sharing import collate_shared_pairs
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
-                                     [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)  # fmt: skip
+                                     [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)
         return _with_reference_logps(batch, examples)
 
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -438,8 +367,6 @@ class PreferenceDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if hp.group_by_length:
-            from prefopt.batching import LengthGroupedSampler
-
             sampler = LengthGroupedSampler(self.example_lengths(data), rows, hp.group_by_length, hp.seed, rank, world)
         else:
             sampler = EpochSeededSampler(len(data), hp.seed, rank, world)
@@ -447,12 +374,12 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler.epoch = self.trainer.current_epoch
             sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * rows
         return ResumableDataLoader(data, batch_size=rows, sampler=sampler, collate_fn=collate,
-                          num_workers=hp.num_workers, drop_last=hp.unpaired)  # fmt: skip
+                          num_workers=hp.num_workers, drop_last=hp.unpaired)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(self.val_examples, batch_size=hp.val_batch_size or hp.batch_size,
-                          collate_fn=self.collate_pairs, num_workers=hp.num_workers)  # fmt: skip
+                          collate_fn=self.collate_pairs, num_workers=hp.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

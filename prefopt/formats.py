@@ -96,7 +96,7 @@ def _kind(feature: Any, values: list | None = None) -> str:
 
 
 def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto",
-                  rows: Any = None) -> Layout:  # fmt: skip
+                  rows: Any = None) -> Layout:
     """The layout of a dataset with these `features`; `columns` maps field names to column names. `rows` (the
     dataset) is read only for a column whose rows mix types, to tell its kind from its first 1,000 values."""
     col = {f: columns.get(f, f) for f in FIELDS}
@@ -109,7 +109,7 @@ def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str
             explicit = "prompt" in have and kind["prompt"] == kind.get("chosen", kind["prompt"])
             if "prompt" in have and not explicit:
                 log.info("%s: ignoring the %s prompt column %r: chosen/rejected hold whole conversations",
-                         source, kind["prompt"], col["prompt"])  # fmt: skip
+                         source, kind["prompt"], col["prompt"])
             fmt = "standard" if explicit else "implicit_prompt"
         elif {"completion", "label"} & have:
             fmt = "unpaired"
@@ -130,7 +130,7 @@ def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str
         feature = features[col[main]]
         held = "values of mixed types" if main in mixed else getattr(feature, "dtype", feature)
         raise DataError(f"{source}: column {col[main]!r} holds {held} from {_row(0)} on (field {main!r}); expected "
-                        "strings or lists of {role, content} messages")  # fmt: skip
+                        "strings or lists of {role, content} messages")
     layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in REQUIRED[fmt]})  # type: ignore[arg-type]
     log.info("%s: format %s", source, layout.describe())
     return layout
@@ -159,11 +159,11 @@ def check_messages(value: Any, source: str, row: int, column: str) -> list[dict[
     if not isinstance(value, list) or not value:
         got = "an empty list" if value == [] else "a missing value" if value is None else type(value).__name__
         raise RowError(f"{_where(source, row, column)}: expected a non-empty list of {{role, content}} messages, "
-                       f"got {got}")  # fmt: skip
+                       f"got {got}")
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise RowError(f"{_where(source, row, column)}: message {i} is not a {{role: str, content: str}} dict: "
-                           f"{m!r:.80}")  # fmt: skip
+                           f"{m!r:.80}")
     # Arrow fills keys that other rows have with None; a chat template would render them as the string "None".
     return [{k: v for k, v in m.items() if v is not None} for m in value]
 
@@ -171,7 +171,7 @@ def check_messages(value: Any, source: str, row: int, column: str) -> list[dict[
 def check_completion_messages(messages: list[dict[str, Any]], source: str, row: int, column: str) -> None:
     if messages[0]["role"] != "assistant":
         raise RowError(f"{_where(source, row, column)}: the completion must start with an assistant message, "
-                       f"got role {messages[0]['role']!r}")  # fmt: skip
+                       f"got role {messages[0]['role']!r}")
     if not any(m["content"].strip() for m in messages):
         raise RowError(f"{_where(source, row, column)}: empty completion")
 
@@ -179,13 +179,13 @@ def check_completion_messages(messages: list[dict[str, Any]], source: str, row: 
 def check_label(value: Any, source: str, row: int, column: str) -> bool:
     if not isinstance(value, bool):
         raise RowError(f"{_where(source, row, column)}: label must be a boolean (true/false), got "
-                       f"{type(value).__name__} {value!r:.40}")  # fmt: skip
+                       f"{type(value).__name__} {value!r:.40}")
     return value
 
 
 # ---------------------------------------------------------------------------------------------- implicit prompts
 def split_text(chosen: str, rejected: str, marker: str, source: str, row: int,
-               columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[str, str, str]:  # fmt: skip
+               columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[str, str, str]:
     """(prompt, chosen completion, rejected completion): cut just after the last `marker` in the shared prefix."""
     n = 0
     limit = min(len(chosen), len(rejected))
@@ -194,29 +194,29 @@ def split_text(chosen: str, rejected: str, marker: str, source: str, row: int,
     cut = chosen.rfind(marker, 0, n)  # the whole marker lies inside the shared prefix
     if cut < 0:
         raise RowError(f"{source}: {_row(row)}, fields {columns[0]!r} and {columns[1]!r}: no {marker!r} in the text they "
-                       "share, so the prompt cannot be found; give a prompt column, or set data.assistant_marker")  # fmt: skip
+                       "share, so the prompt cannot be found; give a prompt column, or set data.assistant_marker")
     end = cut + len(marker)
     return chosen[:end], chosen[end:], rejected[end:]
 
 
 def split_messages(chosen: list[dict], rejected: list[dict], source: str, row: int,
-                   columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[list, list, list]:  # fmt: skip
+                   columns: tuple[str, str] = ("chosen", "rejected")) -> tuple[list, list, list]:
     """(prompt, chosen, rejected) messages: the longest shared run after which both continue with the assistant."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     while n > 0 and not (n < len(chosen) and n < len(rejected)
-                         and chosen[n]["role"] == rejected[n]["role"] == "assistant"):  # fmt: skip
+                         and chosen[n]["role"] == rejected[n]["role"] == "assistant"):
         n -= 1
     if n == 0:
         raise RowError(f"{source}: {_row(row)}, fields {columns[0]!r} and {columns[1]!r}: they share no prompt messages "
-                       "followed by an assistant turn in both, so the prompt cannot be found")  # fmt: skip
+                       "followed by an assistant turn in both, so the prompt cannot be found")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
 def render_chat(tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int,
-                column: str = "completion") -> tuple[str, str]:  # fmt: skip
+                column: str = "completion") -> tuple[str, str]:
     """(prompt text, completion text) from the tokenizer's chat template; the first is a prefix of the whole."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -299,7 +299,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     else:  # a slow (python) tokenizer
         spec = sorted(tokenizer.get_vocab().items())
     return Hasher.hash([type(tokenizer).__name__, spec, tokenizer.chat_template, tokenizer.eos_token_id,
-                        sorted(map(str, tokenizer.all_special_tokens))])  # fmt: skip
+                        sorted(map(str, tokenizer.all_special_tokens))])
 
 
 def added_suffix(tokenizer: Any) -> list[int]:
@@ -314,12 +314,12 @@ def added_suffix(tokenizer: Any) -> list[int]:
 
 
 def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, tokenizer: Any, marker: str,
-                  source: str, suffix: tuple[int, ...] = ()) -> dict[str, list]:  # fmt: skip
+                  source: str, suffix: tuple[int, ...] = ()) -> dict[str, list]:
     rows = []
     for j, i in enumerate(indices):
         try:
             rows.append(row_texts({f: batch[c][j] for f, c in layout.columns.items()}, layout, tokenizer, marker,
-                                  source, i))  # fmt: skip
+                                  source, i))
         except RowError as err:  # kept as data: the DataModule raises or skips (`bad_rows`), naming them all
             rows.append({"identical": False, "error": str(err)})
     names = ("chosen", "rejected") if layout.paired else ("completion",)
@@ -327,7 +327,7 @@ def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, to
     # Text prompts get the tokenizer's own special tokens (bos); chat templates write theirs into the text.
     special = not layout.conversational
     out: dict[str, list] = {"row": list(indices), "error": [r.get("error", "") for r in rows],
-                            "prompt_ids": [[] for _ in rows]}  # fmt: skip
+                            "prompt_ids": [[] for _ in rows]}
     out.update({f"{n}_ids": [[] for _ in rows] for n in names})
     if keep:
         encoded = {"prompt": tokenizer([rows[j]["prompt"] for j in keep], add_special_tokens=special)["input_ids"]}
@@ -348,7 +348,7 @@ def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, to
 
 
 def encode(rows: Any, layout: Layout, tokenizer: Any, source: str, marker: str = "Assistant:",
-           num_proc: int | None = None) -> Any:  # fmt: skip
+           num_proc: int | None = None) -> Any:
     """Check and tokenize every row: a `datasets.Dataset` of prompt_ids, chosen_ids/rejected_ids (or completion_ids
     and desirable), row (the source row index, from 0) and error (why the row failed a check, or ""). Identical pairs
     and failed rows come out with empty id lists.
@@ -361,11 +361,11 @@ def encode(rows: Any, layout: Layout, tokenizer: Any, source: str, marker: str =
     # The source's name is part of it because the row checks' messages (kept in the result) name it.
     fingerprint = Hasher.hash([rows._fingerprint, ENCODING_VERSION, layout.structure, layout.conversational,
                                sorted(layout.columns.items()), marker, tokenizer_fingerprint(tokenizer),
-                               source])  # fmt: skip
+                               source])
     suffix = () if layout.conversational else tuple(added_suffix(tokenizer))  # chat prompts add no special tokens
     if suffix:
         log.info("%s: the tokenizer appends %s to every text; cut from the prompts", source,
-                 tokenizer.convert_ids_to_tokens(list(suffix)))  # fmt: skip
+                 tokenizer.convert_ids_to_tokens(list(suffix)))
     function = partial(_encode_batch, layout=layout, tokenizer=tokenizer, marker=marker, source=source, suffix=suffix)
     return rows.map(function, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenizing {source}")  # fmt: skip
+                    new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenizing {source}")

@@ -284,7 +284,7 @@ def _valid(response: Response) -> bool:
 def _sample_pairs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_pairs: int, temperature: float,
     generator: torch.Generator,
-) -> tuple[list[dict[str, object]], dict[str, float]]:  # fmt: skip
+) -> tuple[list[dict[str, object]], dict[str, float]]:
     """n_pairs labelled pairs per training prompt, ordered pair index first so any prefix is balanced."""
     pools: dict[str, list[Response]] = {t: [] for t in task.TRAIN_TOPICS}
     drawn = 0
@@ -312,7 +312,7 @@ def _sample_pairs(
             rows.append({
                 "prompt": task.prompt_text(topic), "chosen": " ".join(chosen), "rejected": " ".join(rejected),
                 "chosen_reward": r_c, "rejected_reward": r_r, "topic": topic,
-            })  # fmt: skip
+            })
     stats = {
         "pairs": len(rows),
         "ties": ties,
@@ -347,7 +347,7 @@ def ensure_pairs(
         "version": PAIRS_VERSION, "reference": _reference_identity(reference_dir), "seed": seed,
         "pairs_per_prompt": pairs_per_prompt, "val_pairs_per_prompt": val_pairs_per_prompt,
         "label_temperature": label_temperature, "topics": task.TRAIN_TOPICS, "max_new_tokens": 16,
-    }  # fmt: skip
+    }
     final = Path(cache_dir or default_cache_dir()) / f"pairs-{_hash(settings)}"
     train_path, val_path = final / "train.jsonl", final / "val.jsonl"
     if (final / PAIRS_META).is_file():

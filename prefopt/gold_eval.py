@@ -114,6 +114,6 @@ class GoldTaskEvaluation(L.Callback):
             metrics = evaluate_policy(
                 pl_module.policy, pl_module.reference, tokenizer, topics,
                 num_samples=self.num_samples, seed=self.seed, max_new_tokens=self.max_new_tokens,
-            )  # fmt: skip
+            )
             for key, value in metrics.items():
                 pl_module.log(f"{prefix}/{key}", value, sync_dist=True)

@@ -48,7 +48,7 @@ NEGATIVE: tuple[str, ...] = ("bad", "awful", "hate", "dull", "poor", "worst", "s
 NEUTRAL: tuple[str, ...] = ("the", "a", "it", "was", "and", "very", "quite", "so")
 TOPICS: tuple[str, ...] = (
     "film", "book", "food", "music", "game", "trip", "phone", "car", "hotel", "show", "song", "class",
-)  # fmt: skip
+)
 # Prompts used to train (and to evaluate on fresh samples: docs/gold_task.md, 'Evaluate on fresh samples for the
 # training prompts') and prompts kept for generalization.
 TRAIN_TOPICS: tuple[str, ...] = TOPICS[:8]

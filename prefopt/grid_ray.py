@@ -21,7 +21,7 @@ from typing import Any
 
 # Variables the driver passes to every run; everything else comes from the node's own worker environment.
 PASSED = ("PREFOPT_CACHE", "PREFOPT_BASE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
-          "PYTHONUNBUFFERED", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "PYTHONPATH")  # fmt: skip
+          "PYTHONUNBUFFERED", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "PYTHONPATH")
 
 
 def run_command(command: list[str], env: dict[str, str], cwd: str, stdout_path: str, stderr_path: str) -> int:
@@ -32,7 +32,7 @@ def run_command(command: list[str], env: dict[str, str], cwd: str, stdout_path: 
     with open(stdout_path, "ab") as out, open(stderr_path, "wb") as err:
         # A cancelled task's worker is killed outright (ray.cancel force=True): the run must not outlive it.
         return subprocess.run(command, env=environment, cwd=cwd, stdout=out, stderr=err,
-                              preexec_fn=die_with_parent if sys.platform == "linux" else None).returncode  # fmt: skip
+                              preexec_fn=die_with_parent if sys.platform == "linux" else None).returncode
 
 
 class RayProcess:
@@ -79,7 +79,7 @@ class RayLauncher:
         for name, each in (("CPU", num_cpus), ("GPU", num_gpus)):
             if each > resources.get(name, 0):  # Ray would queue the first run forever, and silently
                 raise SystemExit(f"error: each run asks for {each:g} {name}s but the Ray cluster has "
-                                 f"{resources.get(name, 0):g}; lower --{name.lower()}s-per-run")  # fmt: skip
+                                 f"{resources.get(name, 0):g}; lower --{name.lower()}s-per-run")
         self.task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_command)
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
 

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from prefopt.grid import ROOT, Grid, Run, default_workers
 from prefopt.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
-                            write_atomic, write_json, write_tables)  # fmt: skip
+                            write_atomic, write_json, write_tables)
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt
 POLL_S = 0.2
@@ -114,7 +114,7 @@ class GridRunner:
         """run.json: what the grid assigned; `args` decides whether a recorded run is still this run."""
         return {"name": run.name, "variant": run.variant, "assigned": run.assigned, "loss": run.loss,
                 "seed": run.seed, "swept": list(run.swept), "args": run.overrides(self.grid.base),
-                "grid": self.grid.name, "git_commit": self.commit, "root": str(ROOT)}  # fmt: skip
+                "grid": self.grid.name, "git_commit": self.commit, "root": str(ROOT)}
 
     def status(self, run: Run) -> str:
         return run_status(self.run_dir(run), self.spec(run))
@@ -159,11 +159,11 @@ class GridRunner:
         stderr = open(run_dir / "stderr.log", "wb+")  # read back by _finish, whoever writes it
         if self.launcher is not None:  # a Ray task on some node of the cluster (shared filesystem)
             process = self.launcher.start(self.command(run, resume), env, Path.cwd(), run_dir / "stdout.log",
-                                          run_dir / "stderr.log")  # fmt: skip
+                                          run_dir / "stderr.log")
             return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
         stdout = open(run_dir / "stdout.log", "ab")
         process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
-                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)
         stdout.close()
         return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
 
@@ -175,7 +175,7 @@ class GridRunner:
         active.stderr.close()
         spec = dict(self.spec(active.run), run_time_s=time.perf_counter() - active.started, exit_code=code,
                     load_start=active.load, load_end=os.getloadavg()[0], workers=self.workers, threads=self.threads,
-                    resumed_from_step=active.resumed)  # fmt: skip
+                    resumed_from_step=active.resumed)
         write_json(spec, run_dir / RUN_FILE)
         if code == 0 and run_status(run_dir) == "ok":
             return "ok", ""
@@ -198,7 +198,7 @@ class GridRunner:
         env, load = self.environment(), os.getloadavg()[0]
         self._prepare_cache(todo)
         print(f"grid {self.grid.name}: {len(todo)} runs to do into {self.out}; {self.workers} workers x "
-              f"{self.threads} threads; cache {env['PREFOPT_CACHE']}", file=sys.stderr)  # fmt: skip
+              f"{self.threads} threads; cache {env['PREFOPT_CACHE']}", file=sys.stderr)
         queue, active, retried, outcomes = list(todo), [], set(), []
         try:
             while queue or active:
@@ -255,7 +255,7 @@ class GridRunner:
                     "ok": progress.ok, "failed": progress.failed, "wall_time_s": time.perf_counter() - progress.start,
                     "workers": self.workers, "threads": self.threads, "cache": cache, "git_commit": self.commit,
                     "load_start": load_start, "load_end": os.getloadavg()[0], "fixed": self.grid.fixed,
-                    "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+                    "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(log, indent=2)))
 
     def _write_tables(self) -> None:
@@ -300,7 +300,7 @@ class Progress:
             per_run = sum(self.durations) / len(self.durations)
             eta = _minutes(per_run * left / min(self.workers, max(left, 1)))
         return (f"[{done}/{self.total} done ({self.skipped} before), {self.running} running, {self.failed} failed, "
-                f"{_minutes(time.perf_counter() - self.start)} elapsed, ~{eta} left]")  # fmt: skip
+                f"{_minutes(time.perf_counter() - self.start)} elapsed, ~{eta} left]")
 
     def line(self, message: str, final: bool = False) -> None:
         """A terminal gets one line redrawn in place; a log file gets a line per finished run only."""

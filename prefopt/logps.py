@@ -137,7 +137,7 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_siz
     decoder, head = parts
     # The last column predicts nothing and, under the causal mask, feeds nothing: the decoder runs without it.
     hidden = decoder(input_ids=batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
-                     use_cache=False)  # fmt: skip
+                     use_cache=False)
     picked = hidden.last_hidden_state[mask]  # (n, H)
     values = label_logps_from_hidden(picked, head.weight, batch["input_ids"][:, 1:][mask], head.bias, chunk_size)
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
@@ -188,7 +188,7 @@ def pair_logps(
         policy_chosen_shared_logps=psc, policy_rejected_shared_logps=psr,
         ref_chosen_shared_logps=rsc, ref_rejected_shared_logps=rsr,
         running_logratio_mean=running_logratio_mean,
-    )  # fmt: skip
+    )
 
 
 def unpaired_logps(
@@ -203,7 +203,7 @@ def unpaired_logps(
         policy_logps=policy[:b], lengths=lengths, desirable=desirable,
         ref_logps=None if ref is None else ref[:b],
         policy_kl_logps=policy[b:], ref_kl_logps=None if ref is None else ref[b:],
-    )  # fmt: skip
+    )
 
 
 def token_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -134,7 +134,7 @@ def attach_lora(model: nn.Module, options: LoraOptions, with_reference: bool = T
     peft = _peft()
     if options.adapter is None:
         config = peft.LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                                 target_modules=options.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+                                 target_modules=options.target_modules, task_type="CAUSAL_LM")
         policy = peft.get_peft_model(model, config)
         return policy, AdapterReference(policy, None) if with_reference else None
     _check_adapter_dir(options.adapter)

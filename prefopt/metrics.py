@@ -18,7 +18,7 @@ from prefopt.records import PairLogps
 PAIR_METRICS = (
     "reward_margin", "margin_nats", "accuracy", "chosen_logratio", "rejected_logratio",
     "chosen_logps", "rejected_logps", "chosen_logps_per_token",
-)  # fmt: skip
+)
 
 
 def pair_metrics(lp: PairLogps, reward_scale: float) -> dict[str, Tensor]:

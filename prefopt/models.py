@@ -48,7 +48,7 @@ def check_model_path(name: str) -> None:
         raise NotADirectoryError(f"model path {p} is a file; give a save_pretrained directory or a hub name")
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         raise ValueError(f"model directory {p} holds a LoRA adapter, not a model: set model.model to its base model "
-                         f"and model.lora.adapter to {p}")  # fmt: skip
+                         f"and model.lora.adapter to {p}")
     if not any(next(p.glob(g), None) for g in WEIGHT_GLOBS):
         raise FileNotFoundError(f"model directory {p} has no weights (*.safetensors or *.bin)")
 

@@ -140,7 +140,7 @@ class PreferenceModule(L.LightningModule):
         if self.hparams.keep_freed_host_memory:
             keep_freed_host_memory()
         kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation,
-                  "device": self._load_device()}  # fmt: skip
+                  "device": self._load_device()}
         policy = load_causal_lm(self.hparams.model, **kwargs)
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
@@ -166,11 +166,11 @@ class PreferenceModule(L.LightningModule):
         shared = getattr(getattr(trainer, "datamodule", None), "shares_prompts", False)
         if attn not in (None, *MASK_BACKENDS) and shared:
             raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
-                             f"custom attention mask), not {attn!r}; or set data.share_prompt: false")  # fmt: skip
+                             f"custom attention mask), not {attn!r}; or set data.share_prompt: false")
         if attn == "flex_attention" and trainer is not None:
             if trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu":
                 raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
-                                 "flex_attention backward there): use sdpa, or a GPU")  # fmt: skip
+                                 "flex_attention backward there): use sdpa, or a GPU")
 
     def _load_device(self) -> torch.device | None:
         """The accelerator to load both models onto directly, where the strategy keeps whole models (one device,
@@ -194,7 +194,7 @@ class PreferenceModule(L.LightningModule):
             missing = sorted(trainable_keys(self) - set(checkpoint["state_dict"]))
             if missing:
                 raise KeyError(f"checkpoint lacks {len(missing)} adapter weights, e.g. {missing[0]}: was it saved "
-                               "with other lora settings?")  # fmt: skip
+                               "with other lora settings?")
 
     @property
     def reference(self) -> PreTrainedModel:
@@ -214,7 +214,7 @@ class PreferenceModule(L.LightningModule):
         def compute():  # in the run's precision context (autocast under *-mixed), one training batch at a time
             with self.trainer.precision_plugin.forward_context():
                 return load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs,
-                                       batch_size=datamodule.hparams.batch_size, tag=f"precision={precision}")  # fmt: skip
+                                       batch_size=datamodule.hparams.batch_size, tag=f"precision={precision}")
 
         # Rank 0 computes (or reads) and writes the cache entry; the other ranks wait, then read it.
         table = compute()[0] if self.trainer.is_global_zero else None
@@ -339,7 +339,7 @@ class PreferenceModule(L.LightningModule):
         policy_logits = forward_logits(self.policy, batch)
         ref_logits = forward_logits(self.reference, batch)
         lp = pair_logps(token_logps(policy_logits, ids, mask), mask, token_logps(ref_logits, ids, mask),
-                        self._running_logratio_mean())  # fmt: skip
+                        self._running_logratio_mean())
         values = pair_metrics(lp, self.loss.reward_scale)
         if self.loss.paired:  # an unpaired loss's value needs the mismatched KL rows of its own batches
             values["loss"] = self.loss(lp).mean()

@@ -61,18 +61,18 @@ def frontier_plot(points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.Data
 
 
 def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame,
-                    colors: dict[str, tuple], xmax: float) -> None:  # fmt: skip
+                    colors: dict[str, tuple], xmax: float) -> None:
     f = frontier[(frontier["kl"] <= xmax * 1.05) & np.isfinite(frontier["kl"])].sort_values("kl")
     ax.plot(f["kl"], f["reward"], color="black", lw=1.8, label="exact optimal frontier")
     shown = points[points[f"{KL}.mean"] <= xmax]
     for curve, g in shown.groupby("curve", sort=False):
         g = g.sort_values(f"{KL}.mean")
         ax.errorbar(g[f"{KL}.mean"], g[f"{REWARD}.mean"], xerr=g[f"{KL}.std"], yerr=g[f"{REWARD}.std"], fmt="o-",
-                    ms=5, lw=1.2, capsize=2, color=colors[curve], label=curve)  # fmt: skip
+                    ms=5, lw=1.2, capsize=2, color=colors[curve], label=curve)
         param = swept_parameter(points[points["curve"] == curve])
         for _, row in g.iterrows() if param else ():
             ax.annotate(f"{row[param]:g}", (row[f"{KL}.mean"], row[f"{REWARD}.mean"]), fontsize=6,
-                        xytext=(3, -8), textcoords="offset points", color=colors[curve])  # fmt: skip
+                        xytext=(3, -8), textcoords="offset points", color=colors[curve])
     for _, t in targets[targets["target_kl"] <= xmax].iterrows():
         color = colors.get(t["curve"], "gray")
         ax.plot([t["target_kl"], t["kl"]], [t["target_reward"], t["reward"]], ":", color=color, lw=0.8)
@@ -181,7 +181,7 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
         axes[0][j].set_title(curve, fontsize=9)
         axes[0][j].legend(fontsize=6)
     fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each seed; "
-                 "thick, their mean", fontsize=9)  # fmt: skip
+                 "thick, their mean", fontsize=9)
     for i, metric in enumerate(metrics):
         axes[i][0].set_ylabel(metric.removeprefix("val/").removeprefix("gold/"), fontsize=8)
         for ax in axes[i]:

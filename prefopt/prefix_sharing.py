@@ -120,7 +120,7 @@ def _mask_for(model: nn.Module, batch: dict[str, Tensor], dtype: torch.dtype):
         part = batch["part_ids"]
         b, t = part.shape
         return create_block_mask(lambda b, h, q, k: _attends(part[b, q], part[b, k], q, k), b, None, t, t,
-                                 device=part.device)  # fmt: skip
+                                 device=part.device)
     mask = shared_attention_mask(batch)
     if impl == "sdpa":
         return mask
@@ -131,7 +131,7 @@ def _mask_for(model: nn.Module, batch: dict[str, Tensor], dtype: torch.dtype):
 
 # Decoder layers whose forward is exactly h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
 TRIMMABLE_LAYERS = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer",
-                              "GemmaDecoderLayer"})  # fmt: skip
+                              "GemmaDecoderLayer"})
 
 
 def trim_last_layer(model: nn.Module) -> bool:

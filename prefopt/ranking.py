@@ -62,7 +62,7 @@ def per_seed(runs: pd.DataFrame, targets: Sequence[float], frontier: Frontier | 
     for (curve, seed), g in with_curves(runs).groupby(["curve", "seed"], sort=False):
         rewards = interpolate(g[KL], g[REWARD], targets)
         rows += [{"curve": curve, "seed": seed, "kl": k, "reward": r, "gap": best[k] - r}
-                 for k, r in zip(targets, rewards)]  # fmt: skip
+                 for k, r in zip(targets, rewards)]
     return pd.DataFrame(rows, columns=["curve", "seed", "kl", "reward", "gap"])
 
 
@@ -88,7 +88,7 @@ def matched_kl(runs: pd.DataFrame, targets: Sequence[float], frontier: Frontier 
         n, mean, std, ci = _stats(g["reward"])
         _, gap, _, gap_ci = _stats(g["gap"])
         rows.append({"curve": curve, "kl": kl, "n": n, "reward.mean": mean, "reward.std": std, "reward.ci95": ci,
-                     "gap.mean": gap, "gap.ci95": gap_ci})  # fmt: skip
+                     "gap.mean": gap, "gap.ci95": gap_ci})
     columns = ["curve", "kl", "n", "reward.mean", "reward.std", "reward.ci95", "gap.mean", "gap.ci95"]
     out = pd.DataFrame(rows, columns=columns)
     out["rank"] = out.groupby("kl")["reward.mean"].rank(ascending=False, method="min")
@@ -142,7 +142,7 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
     rows = []
     for curve, g in curves.groupby("curve", sort=False):
         row: dict[str, object] = {"curve": curve, "loss": g["loss"].iloc[0], "seeds": g["seed"].nunique(),
-                                  "ranked": curve not in left_out}  # fmt: skip
+                                  "ranked": curve not in left_out}
         s = scores.loc[curve] if curve in scores.index.get_level_values(0) else pd.DataFrame(columns=["gap", "reward"])
         row["matched_kl_lo"], row["matched_kl_hi"] = lo, hi
         _, row["matched_gap.mean"], _, row["matched_gap.ci95"] = _stats(s["gap"])

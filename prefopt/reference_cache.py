@@ -70,7 +70,7 @@ def compute_reference_logps(
         tokens = token_logps(forward_logits(reference, batch), batch["input_ids"], batch["completion_mask"])
         lp = pair_logps(tokens, batch["completion_mask"])  # the reference in the policy's seat
         rows.append(torch.stack([lp.policy_chosen_logps, lp.policy_rejected_logps,
-                                 lp.policy_chosen_shared_logps, lp.policy_rejected_shared_logps], 1))  # fmt: skip
+                                 lp.policy_chosen_shared_logps, lp.policy_rejected_shared_logps], 1))
     return torch.cat(rows).double().cpu()
 
 

@@ -69,13 +69,13 @@ def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         kl, reward = frontier_point(t * beta)
         rows.append({"curve": curve, "beta": beta, "T": t, "b": t * beta, "target_kl": kl, "target_reward": reward,
-                     "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})  # fmt: skip
+                     "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})
     return pd.DataFrame(rows)
 
 
 def _pm(mean: pd.Series, ci: pd.Series, digits: int = 3) -> pd.Series:
     return [("-" if pd.isna(m) else f"{m:.{digits}f} ± {c:.{digits}f}" if pd.notna(c) else f"{m:.{digits}f}")
-            for m, c in zip(mean, ci)]  # fmt: skip
+            for m, c in zip(mean, ci)]
 
 
 def summary_view(points: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +86,7 @@ def summary_view(points: pd.DataFrame) -> pd.DataFrame:
         view[c.removeprefix("loss.")] = points[c]
     view["n"] = points["n"]
     for metric, label, digits in ((rk.KL, "KL", 2), (rk.REWARD, "gold reward", 3), (rk.GAP, "frontier gap", 3),
-                                  (rk.ACCURACY, "accuracy", 3), (rk.MARGIN, "margin (nats)", 2)):  # fmt: skip
+                                  (rk.ACCURACY, "accuracy", 3), (rk.MARGIN, "margin (nats)", 2)):
         if f"{metric}.mean" in points:
             view[label] = _pm(points[f"{metric}.mean"], points[f"{metric}.ci95"], digits)
     return view
@@ -126,7 +126,7 @@ def print_ranking(ranked: pd.DataFrame) -> None:
         "at": ranked["best_gap.setting"],
         "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
         "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],
-    })  # fmt: skip
+    })
     print(view.to_string(index=False))
     left_out = ranked.loc[~ranked["ranked"].astype(bool), "curve"].tolist()
     if left_out and pd.notna(lo):  # with no common range at all, the line above already says why none is ranked
@@ -134,12 +134,12 @@ def print_ranking(ranked: pd.DataFrame) -> None:
 
 
 def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,
-                targets: pd.DataFrame) -> list[Path]:  # fmt: skip
+                targets: pd.DataFrame) -> list[Path]:
     from prefopt import plots
 
     written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
                plots.gap_plot(points, out / "frontier_gap.png"),
-               plots.sweep_plot(points, out / "beta_sweeps.png")]  # fmt: skip
+               plots.sweep_plot(points, out / "beta_sweeps.png")]
     if not history.empty and rk.REWARD in history:
         written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
     return written
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefopt report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a grid's results folder, e.g. results/default")
     parser.add_argument("--kl", type=float, nargs="+", help="target KLs for the matched-KL table (default: a few "
-                        "round values within the KLs the runs reached)")  # fmt: skip
+                        "round values within the KLs the runs reached)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     out = args.results

@@ -41,7 +41,7 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
         if _looks_local(split):  # meant as the path of a validation file
             raise DataFileNotFoundError(f"val_split: no such file: {split}")
         raise DataError(f"{path} is a single file, so it has no split {split!r}: leave val_split unset to hold out "
-                        "val_fraction of it, or set val_split to the path of a second file")  # fmt: skip
+                        "val_fraction of it, or set val_split to the path of a second file")
     # datasets logs a JSON parse error with its row counted from 0 before raising; the DataError below names the line.
     json_log = logging.getLogger("datasets.packaged_modules.json.json")
     level = json_log.level
@@ -56,7 +56,7 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
         while cause.__cause__ is not None:  # the parser's own error, under datasets' DatasetGenerationError
             cause = cause.__cause__
         raise DataError(f"{path}: could not read it as {builder} (unreadable or truncated?): "
-                        f"{type(cause).__name__}: {str(cause)[:300]}") from err  # fmt: skip
+                        f"{type(cause).__name__}: {str(cause)[:300]}") from err
     finally:
         json_log.setLevel(level)
 

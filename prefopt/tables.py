@@ -29,7 +29,7 @@ from prefopt.grid import lookup
 
 # Settings of the resolved config copied into every row, whether or not the grid sweeps them.
 RESOLVED = ("model.model", "data.dataset", "trainer.max_steps", "data.batch_size",
-            "model.optimizer.init_args.lr", "data.gold.label_temperature", "data.max_train_pairs")  # fmt: skip
+            "model.optimizer.init_args.lr", "data.gold.label_temperature", "data.max_train_pairs")
 RUN_FILE, METRICS_FILE, ERROR_FILE, CONFIG_FILE = "run.json", "metrics.json", "error.txt", "config.yaml"
 
 
@@ -88,7 +88,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     row.update({f"loss.{k}": _flatten(v) for k, v in loss.items() if k != "name"})
     row["seed"] = spec.get("seed")
     row.update({k: _flatten(v) for k, v in (spec.get("assigned") or {}).items()
-                if not k.startswith("model.loss") and k != "seed_everything"})  # fmt: skip
+                if not k.startswith("model.loss") and k != "seed_everything"})
     config_path = run_dir / CONFIG_FILE
     try:  # a config.yaml cut short (a full disk, a hand edit) costs its row the resolved settings, not the table
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -148,7 +148,7 @@ def _t_central_mass(theta: float, df: int) -> float:
 
 
 BOOKKEEPING = ("git_commit", "data_hash", "run_time_s", "load_start", "wall_time_s", "train_pairs_per_s",
-               "train_loss", "step", "error")  # fmt: skip
+               "train_loss", "step", "error")
 
 
 def _is_metric(column: str) -> bool:
@@ -192,7 +192,7 @@ def add_curves(runs: pd.DataFrame) -> pd.DataFrame:
     (`dpo`, or `dpo lr=0.001`). A curve is one loss setting swept along its hyperparameters, across seeds."""
     keys = [k for k in curve_columns(runs) if k not in ("variant", "loss") and _varies(runs, k)]
     labels = [" ".join([str(row["variant"]), *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys if pd.notna(row[k]))])
-              for _, row in runs.iterrows()]  # fmt: skip
+              for _, row in runs.iterrows()]
     out = runs.drop(columns=["curve"], errors="ignore")
     out.insert(1, "curve", labels)
     return out

@@ -45,7 +45,7 @@ def save_byte_model(directory: Path, chat_template: str | None = CHAT_TEMPLATE, 
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
@@ -92,7 +92,7 @@ def unpaired_rows(n: int = 24, conversational: bool = False) -> list[dict]:
         for text, label in ((good, True), (bad, False)):
             if conversational:
                 rows.append({"prompt": [{"role": "user", "content": q}],
-                             "completion": [{"role": "assistant", "content": text}], "label": label})  # fmt: skip
+                             "completion": [{"role": "assistant", "content": text}], "label": label})
             else:
                 rows.append({"prompt": f"Q: {q}\nA:", "completion": f" {text}", "label": label})
     return rows

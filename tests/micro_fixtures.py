@@ -33,7 +33,7 @@ def save_micro_model(directory: Path, seed: int = 0) -> Path:
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory

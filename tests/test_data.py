@@ -75,7 +75,7 @@ def test_truncation_keeps_the_end_of_the_prompt_and_drops_prompts_that_fill_max_
         ([{"prompt": "film :", "chosen": "good", "rejected": "bad"},
           {"prompt": "film :", "chosen": " ", "rejected": "bad"}], r"row 2 \(counting from 1\), field 'chosen': empty completion"),
     ],
-)  # fmt: skip
+)
 def test_bad_rows_name_the_file_row_and_field(rows, message, micro_model, tmp_path):
     path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=message) as exc:

@@ -29,7 +29,7 @@ def text_files() -> list[Path]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the shipped file list is unknown")
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")  # fmt: skip
+                            capture_output=True, text=True, check=True).stdout.split("\0")
     here = Path(__file__).resolve()
     files = [ROOT / f for f in listed if f and Path(f).suffix in TEXT_SUFFIXES and (ROOT / f).is_file()]
     files = [f for f in files if f.resolve() != here]
@@ -49,7 +49,7 @@ def _one_line(text: str) -> str:
 def test_no_reference_to_files_outside_the_repository():
     found = [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
              for path in text_files()
-             for text in [path.read_text(errors="replace")] for m in OUTSIDE.finditer(text)]  # fmt: skip
+             for text in [path.read_text(errors="replace")] for m in OUTSIDE.finditer(text)]
     assert not found, "cite the repository's own docs (docs/gold_task.md, docs/loss_pitfalls.md):\n" + "\n".join(found)
 
 
@@ -58,7 +58,7 @@ def test_cited_docs_and_their_sections_exist():
     for path in text_files():
         text = path.read_text(errors="replace")
         missing += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in DOCS_PATH.finditer(text)
-                    if not (ROOT / m.group(0)).is_file()]  # fmt: skip
+                    if not (ROOT / m.group(0)).is_file()]
         for m in SECTION.finditer(text):
             page, title = ROOT / "docs" / m.group(1), _one_line(m.group(2))
             if page.is_file() and title not in _headings(page):
@@ -88,4 +88,4 @@ def test_the_scans_catch_what_they_look_for(tmp_path):
     m = SECTION.search("(docs/gold_task.md, 'The same beta means different things\n# across losses').")
     assert m and _one_line(m.group(2)) == "The same beta means different things across losses"
     assert MD_LINK.findall('[a](docs/x.md) [b](https://x.org) [c](#dpo) [d](y.md "title")') == [
-        "docs/x.md", "https://x.org", "#dpo", "y.md"]  # fmt: skip
+        "docs/x.md", "https://x.org", "#dpo", "y.md"]

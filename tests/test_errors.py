@@ -125,7 +125,7 @@ def test_numbers_in_csv_and_parquet_columns(micro_model, tmp_path):
     rows = ROWS[:2] + [NUMBER_ROW] + ROWS[2:]
     path = tmp_path / "mixed.csv"
     path.write_text("prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n"
-                                                        for r in rows))  # fmt: skip
+                                                        for r in rows))
     assert load_rows(str(path))[2]["chosen"] == "5"  # a text, as every CSV value
     numbers = [{"prompt": "film :", "chosen": i, "rejected": "bad"} for i in range(4)]
     for suffix in ("csv", "parquet"):
@@ -134,7 +134,7 @@ def test_numbers_in_csv_and_parquet_columns(micro_model, tmp_path):
         with pytest.raises(DataError) as exc:
             _dm(path, micro_model)
         assert str(exc.value).startswith(f"{path}: column 'chosen' holds int64 from row 1 (counting from 1) on "
-                                         "(field 'chosen'); expected strings")  # fmt: skip
+                                         "(field 'chosen'); expected strings")
     path = tmp_path / "typed.parquet"
     datasets.Dataset.from_list([{**r, "rejected": i} for i, r in enumerate(ROWS)]).to_parquet(str(path))
     with pytest.raises(DataError, match=rf"^{path}: row 1 \(counting from 1\), field 'rejected': expected a string"):
@@ -245,7 +245,7 @@ def _tokenizer_dir(tmp_path, appends_eos: bool):
     tok = micro_tokenizer()
     if appends_eos:  # like a Llama/Qwen tokenizer set up with add_eos_token: eos after every text it encodes
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)])  # fmt: skip
+            single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
         assert tok("film :")["input_ids"] == [BOS, FILM, COLON, EOS]
     tok.save_pretrained(tmp_path / "tok")
     return tmp_path / "tok"
@@ -260,7 +260,7 @@ def test_a_text_completion_that_ends_in_eos_gets_no_second_eos(appends_eos, tmp_
     assert e["chosen_ids"] == [GOOD, FUN, EOS]  # the text's own eos, not another
     assert e["rejected_ids"] == [BAD, EOS]
     assert dm.collate_pairs([e])["input_ids"].tolist() == [[BOS, FILM, COLON, GOOD, FUN, EOS],
-                                                           [BOS, FILM, COLON, BAD, EOS, 0]]  # fmt: skip
+                                                           [BOS, FILM, COLON, BAD, EOS, 0]]
 
 
 def test_a_tokenizer_that_appends_eos_to_every_text_leaves_none_inside_the_prompt(tmp_path):

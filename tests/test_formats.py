@@ -57,7 +57,7 @@ def test_text_prompt_is_cut_after_the_last_assistant_marker_of_the_shared_part()
     assert (c, r) == (" A good one.", " A bad one.")  # the shared " A " stays in the completions
     # Transcripts that part in an earlier assistant turn: the prompt ends at that turn's marker.
     prompt, c, _ = split_text("\n\nHuman: Hi.\n\nAssistant: Yes.\n\nHuman: Ok?\n\nAssistant: Ok.",
-                              "\n\nHuman: Hi.\n\nAssistant: No.", "Assistant:", "src", 0)  # fmt: skip
+                              "\n\nHuman: Hi.\n\nAssistant: No.", "Assistant:", "src", 0)
     assert prompt == "\n\nHuman: Hi.\n\nAssistant:" and c.startswith(" Yes.")
     with pytest.raises(RowError, match=r"src: row 4 \(counting from 1\), fields 'chosen' and 'rejected': no 'Assistant:'"):
         split_text("Q: hi A: yes", "Q: hi A: no", "Assistant:", "src", 3)  # row index 3: the 4th row
@@ -90,7 +90,7 @@ def test_message_prompt_is_cut_at_a_message_boundary_before_an_assistant_turn():
          ("standard", False)),
         ([{"prompt": "p", "chosen": "a", "rejected": "b"}], {}, "implicit_prompt", ("implicit_prompt", False)),
     ],
-)  # fmt: skip
+)
 def test_format_detection(rows, columns, fmt, expected):
     layout = detect_layout(datasets.Dataset.from_list(rows).features, columns, "src", fmt)
     assert (layout.structure, layout.conversational) == expected
@@ -210,7 +210,7 @@ def test_multiprocess_tokenization_gives_the_same_examples(chat_model, tmp_path)
          r"row 4 \(counting from 1\), field 'chosen': expected a non-empty list"),
         ([{"chosen": 1, "rejected": 2}], {}, "column 'chosen' holds"),
     ],
-)  # fmt: skip
+)
 def test_bad_rows_are_errors_naming_source_row_and_field(rows, kwargs, message, chat_model, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=message) as exc:
@@ -264,7 +264,7 @@ def test_runs_on_conversational_and_on_unpaired_data(micro_base, chat_model, tmp
     assert cli.trainer.global_step == 4 and cli.datamodule.layout.conversational
     unpaired = write_jsonl(tmp_path / "unpaired.jsonl", unpaired_rows(40))
     cli = main(["fit", f"--model.model={chat_model}", f"--data.dataset={unpaired}", "--data.max_length=64",
-                "--model.loss={name: kto}"])  # fmt: skip
+                "--model.loss={name: kto}"])
     assert cli.trainer.global_step == 4 and cli.datamodule.train_rows
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert "val/accuracy" in metrics["final"]  # validated on regrouped pairs

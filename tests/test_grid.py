@@ -21,6 +21,7 @@ import yaml
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
 from prefopt import grid as grid_mod
+from prefopt import grid_cli
 from prefopt import tables
 from prefopt.grid import GridError, expand, load_grid
 
@@ -73,7 +74,7 @@ def write_grid(tmp_path: Path, spec: dict, name: str = "g.yaml") -> Path:
 
 
 def run_grid(path: Path, out: Path, *extra: str) -> int:
-    return grid_mod.main(["--config", str(path), "--out", str(out), "--no-check", *extra])
+    return grid_cli.main(["--config", str(path), "--out", str(out), "--no-check", *extra])
 
 
 # ---------------------------------------------------------------------------------------------- expansion
@@ -86,12 +87,12 @@ def test_expansion_is_axes_times_variants_with_generated_names(tmp_path, micro_b
             {"name": "ipo_sum", "model.loss.name": "ipo", "model.loss.average_log_probs": False, "model.loss.beta": [1.0]},
             {"model.loss.name": "kto", "model.loss.beta": 0.2},  # a scalar is fixed, not swept
         ],
-    })  # fmt: skip
+    })
     runs = expand(load_grid(path))
     assert [r.name for r in runs] == [
         "dpo_beta0.1_seed0", "dpo_beta0.5_seed0", "ipo_sum_beta1_seed0", "kto_seed0",
         "dpo_beta0.1_seed1", "dpo_beta0.5_seed1", "ipo_sum_beta1_seed1", "kto_seed1",
-    ]  # seed-major, 2 seeds x (2 + 1 + 1)  # fmt: skip
+    ]  # seed-major, 2 seeds x (2 + 1 + 1)
     ipo = runs[2]
     assert ipo.variant == "ipo_sum" and ipo.seed == 0
     # A new loss name starts from that loss's defaults: nothing of the base's dpo leaks in.
@@ -107,7 +108,7 @@ def test_loss_keys_merge_into_the_base_loss(tmp_path, micro_base):
     base = tmp_path / "cdpo.yaml"
     base.write_text("model:\n  loss: {name: dpo, beta: 0.3, label_smoothing: 0.2}\n")
     path = write_grid(tmp_path, {"base": [str(base)], "axes": {"model.loss.beta": [0.1, 1.0],
-                                 "model.optimizer.init_args.lr": [1e-3, 1e-4]}})  # fmt: skip
+                                 "model.optimizer.init_args.lr": [1e-3, 1e-4]}})
     runs = expand(load_grid(path))
     assert all(r.loss["label_smoothing"] == 0.2 for r in runs)
     assert {r.loss["beta"] for r in runs} == {0.1, 1.0}
@@ -188,15 +189,15 @@ def test_a_cut_short_config_yaml_costs_its_row_the_resolved_settings_not_the_tab
 
 def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
     path = write_grid(tmp_path, {"axes": {"seed": [0, 1], "model.loss.beta": [0.1, 1.0]}})
-    assert grid_mod.main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert grid_cli.main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dpo_beta0.1_seed0" in out and "dpo_beta1_seed1" in out and "4 runs, 4 to run" in out
     assert not (tmp_path / "out").exists()
-    grid_mod.main(["--config", str(path), "--dry-run", "--no-check", "--set", "model.reference_cache=false"])
+    grid_cli.main(["--config", str(path), "--dry-run", "--no-check", "--set", "model.reference_cache=false"])
     assert "--model.reference_cache=false" in capsys.readouterr().out  # --set adds a fixed override
     bad = write_grid(tmp_path, {"set": {"trainer.max_stepz": 3}}, "bad.yaml")
     with pytest.raises(SystemExit):
-        grid_mod.main(["--config", str(bad), "--dry-run"])
+        grid_cli.main(["--config", str(bad), "--dry-run"])
     assert "max_stepz" in capsys.readouterr().err
 
 
@@ -282,7 +283,7 @@ def test_a_grid_whose_runs_fail_differently_goes_on(tmp_path, stub, monkeypatch)
     monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
     path = write_grid(tmp_path, {"variants": [{"model.loss.name": "dpo", "model.loss.beta": [13.0, 0.5]},
                                               {"model.loss.name": "ipo", "model.loss.beta": [13.0]}],
-                                 "axes": {"seed": [0, 1]}})  # fmt: skip
+                                 "axes": {"seed": [0, 1]}})
     assert run_grid(path, tmp_path / "out", "--workers", "1") == 1
     assert len(calls(stub)) == 6
 
@@ -307,7 +308,7 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
     path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})
     out = tmp_path / "out"
     command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
-               "--no-check"]  # fmt: skip
+               "--no-check"]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -333,9 +334,9 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
 def test_a_real_micro_grid_runs_two_fits_in_parallel(tmp_path, micro_base, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
     path = write_grid(tmp_path, {"set": {"trainer.max_steps": 2, "trainer.val_check_interval": 2},
-                                 "axes": {"model.loss.beta": [0.1, 1.0]}})  # fmt: skip
+                                 "axes": {"model.loss.beta": [0.1, 1.0]}})
     out = tmp_path / "out"
-    assert grid_mod.main(["--config", str(path), "--out", str(out), "--workers", "2"]) == 0
+    assert grid_cli.main(["--config", str(path), "--out", str(out), "--workers", "2"]) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert list(runs["status"]) == ["ok", "ok"] and list(runs["step"]) == [2, 2]
     assert runs["data_hash"].nunique() == 1 and runs["val/accuracy"].notna().all()

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
-from prefopt import grid as grid_mod
+from prefopt import grid_cli
 
 ray = pytest.importorskip("ray")
 
@@ -30,14 +30,14 @@ def test_a_grid_of_four_real_runs_on_ray_lands_in_the_usual_results_layout(micro
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "results"
     args = ["--config", str(path), "--out", str(out), "--no-check", "--backend", "ray", "--cpus-per-run", "1"]
-    assert grid_mod.main(args) == 0
+    assert grid_cli.main(args) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"ok"}
     assert sorted(runs["loss.beta"].unique()) == [0.1, 0.5]
     for name in runs["run"]:
         assert (out / "runs" / name / "metrics.json").is_file()
     # Resuming works the same way: nothing left to run, nothing rerun.
-    assert grid_mod.main(args) == 0
+    assert grid_cli.main(args) == 0
     assert len(pd.read_csv(out / "runs.csv")) == 4
 
 

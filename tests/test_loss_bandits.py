@@ -59,7 +59,7 @@ def record(theta: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) ->
         policy_chosen_shared_logps=logp[chosen], policy_rejected_shared_logps=logp[rejected],
         ref_chosen_shared_logps=ref[chosen], ref_rejected_shared_logps=ref[rejected],
         running_logratio_mean=torch.zeros((), dtype=torch.float64),
-    )  # fmt: skip
+    )
 
 
 def train_population(
@@ -87,7 +87,7 @@ def train_single_pair(loss: LossConfig, steps: int, lr: float = 0.05) -> list[fl
         logp = torch.log_softmax(theta, -1)
         one = torch.ones(1, dtype=torch.float64)
         lp = PairLogps(logp[chosen], logp[rejected], one, one, torch.full((1,), -math.log(2), dtype=torch.float64),
-                       torch.full((1,), -math.log(2), dtype=torch.float64))  # fmt: skip
+                       torch.full((1,), -math.log(2), dtype=torch.float64))
         loss(lp).sum().backward()
         opt.step()
         # h = (logp_0 - ref) - (logp_1 - ref) = theta_0 - theta_1

@@ -95,7 +95,7 @@ def test_every_divergence_is_ln2_at_init_and_finite_far_away(divergence: str) ->
     out = LossConfig("dpo", f_divergence=divergence)(at_init)
     torch.testing.assert_close(out, torch.full_like(out, math.log(2)))
     far = lp.replace(policy_rejected_logps=lp.policy_rejected_logps - 1000.0,
-                     policy_chosen_logps=lp.policy_chosen_logps - 2000.0)  # fmt: skip
+                     policy_chosen_logps=lp.policy_chosen_logps - 2000.0)
     assert bool(torch.isfinite(LossConfig("dpo", f_divergence=divergence)(far)).all())
 
 

@@ -32,7 +32,7 @@ AVG_W = [p / n for p, n in zip(PW, LW)]  # [-2, -2, -3]
 AVG_L = [p / n for p, n in zip(PL, LL)]  # [-1.25, -2.5, -4]
 H_AVG = [rw / nw - rl / nl for rw, rl, nw, nl in zip(R_W, R_L, LW, LL)]  # [0.5, -5/6, 2]
 MPO = {"terms": [{"name": "dpo", "weight": 0.8, "beta": 0.1}, {"name": "bco", "weight": 0.2, "beta": 0.1},
-                 {"name": "sft", "weight": 1.0}]}  # fmt: skip
+                 {"name": "sft", "weight": 1.0}]}
 
 
 def sig(z: float) -> float:
@@ -56,7 +56,7 @@ def hand_pairs(grad: bool = False) -> PairLogps:
         policy_chosen_shared_logps=t([-4.0, -4.0, -3.0]), policy_rejected_shared_logps=t([-2.0, -5.0, -5.0]),
         ref_chosen_shared_logps=t([-5.0, -3.5, -4.0]), ref_rejected_shared_logps=t([-3.0, -6.0, -2.0]),
         running_logratio_mean=torch.tensor(0.5, dtype=torch.float64),
-    )  # fmt: skip
+    )
 
 
 def hand_rows(grad: bool = False) -> UnpairedLogps:
@@ -112,7 +112,7 @@ HAND: dict[str, tuple[dict, list[float]]] = {
     "slic": ({"delta": 1.0, "lam": 0.1}, [0.4, 2.6, 0.3]),
     "sft": ({}, [2.0, 3.0, 1.5]),  # -logp_w * 3 / sum|y_w| = -logp_w / 2; mean 6.5/3 = 13/6 = sum(-logp_w)/sum|y_w|
     "composite": (MPO, [0.8 * L(0.1 * h) + 0.2 * (L(0.1 * w - 0.05) + L(-(0.1 * l - 0.05))) + s
-                        for h, w, l, s in zip(H, R_W, R_L, [2.0, 3.0, 1.5])]),  # fmt: skip
+                        for h, w, l, s in zip(H, R_W, R_L, [2.0, 3.0, 1.5])]),
     # z0 = 0.5; rows: desirable 1 - sig(1 - 0.5); undesirable 2 (1 - sig(0.5 - (-1))); desirable again
     "kto": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(0.5), 2 * (1 - sig(1.5)), 1 - sig(0.5)]),
     "apo_zero_unpaired": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(1.0), 2 * sig(-1.0), 1 - sig(1.0)]),
@@ -158,7 +158,7 @@ def init_pairs(grad: bool = False) -> PairLogps:
         policy_chosen_shared_logps=t(shared), policy_rejected_shared_logps=t(shared),
         ref_chosen_shared_logps=t(shared), ref_rejected_shared_logps=t(shared),
         running_logratio_mean=torch.tensor(0.0, dtype=torch.float64),
-    )  # fmt: skip
+    )
 
 
 def init_rows(grad: bool = False) -> UnpairedLogps:
@@ -276,7 +276,7 @@ def test_identities() -> None:
 def test_simpo_without_margin_is_reference_free_length_normalized_dpo() -> None:
     lp = hand_pairs()
     no_reference = lp.replace(ref_chosen_logps=torch.zeros(3, dtype=torch.float64),
-                              ref_rejected_logps=torch.zeros(3, dtype=torch.float64))  # fmt: skip
+                              ref_rejected_logps=torch.zeros(3, dtype=torch.float64))
     simpo = LossConfig("simpo", beta=2.5, gamma_beta_ratio=0.0)(lp)
     torch.testing.assert_close(simpo, LossConfig("dpo_norm", beta=2.5)(no_reference))
 
@@ -296,7 +296,7 @@ def test_paired_apo_zero_is_the_sum_of_its_two_rows() -> None:
         policy_logps=torch.cat([lp.policy_chosen_logps, lp.policy_rejected_logps]), lengths=t(LW + LL),
         desirable=torch.tensor([True] * 3 + [False] * 3),
         ref_logps=torch.cat([lp.ref_chosen_logps, lp.ref_rejected_logps]),
-    )  # fmt: skip
+    )
     per_row = LossConfig("apo_zero_unpaired", beta=0.7)(rows)
     torch.testing.assert_close(per_row[:3] + per_row[3:], LossConfig("apo_zero", beta=0.7)(lp))
 
@@ -332,7 +332,7 @@ def test_unknown_name_lists_the_valid_names() -> None:
 
 @pytest.mark.parametrize("bad", [{"beta": 0.0}, {"beta": -1.0}, {"beta": "big"}, {"beta": float("nan")},
                                  {"label_smoothing": 0.5}, {"label_smoothing": -0.1}, {"f_divergence": "kl"},
-                                 {"f_alpha": 1.0}, {"ld_alpha": 1.5}, {"wpo": 1}])  # fmt: skip
+                                 {"f_alpha": 1.0}, {"ld_alpha": 1.5}, {"wpo": 1}])
 def test_bad_values_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError, match="loss 'dpo'"):
         LossConfig("dpo", **bad)

@@ -40,12 +40,12 @@ def _ckpt(cli) -> Path:
 def test_any_causal_lm_trains_from_a_save_pretrained_directory(arch, micro_base, tmp_path):
     tok = micro_tokenizer()
     ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-           "eos_token_id": tok.eos_token_id}  # fmt: skip
+           "eos_token_id": tok.eos_token_id}
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **ids))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=2, **ids))  # fmt: skip
+                                             num_attention_heads=2, num_key_value_heads=2, **ids))
     model.save_pretrained(tmp_path / arch)
     tok.save_pretrained(tmp_path / arch)
     cli, metrics = _fit(f"--model.model={tmp_path / arch}", "--trainer.max_steps=2")
@@ -222,7 +222,7 @@ def test_models_load_straight_onto_the_accelerator_where_the_strategy_keeps_whol
     monkeypatch.setattr(prefopt.module, "load_causal_lm", fake_load)
     cuda = torch.device("cuda", 0)
     cases = [(None, None), (SingleDeviceStrategy(device=torch.device("cpu")), None),
-             (SingleDeviceStrategy(device=cuda), cuda), (FSDPStrategy(), None)]  # fmt: skip
+             (SingleDeviceStrategy(device=cuda), cuda), (FSDPStrategy(), None)]
     for strategy, expected in cases:
         module = PreferenceModule(model=str(micro_model), reference_cache=False)
         module._trainer = None if strategy is None else SimpleNamespace(strategy=strategy)

@@ -41,7 +41,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(micro_ba
     ddp = tmp_path / "ddp.jsonl"
     env = dict(os.environ, LOSS_TRAJECTORY=str(ddp), PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     args = ["fit", "--data.batch_size=2", "--trainer.max_steps=6", "--trainer.accelerator=cpu", "--trainer.devices=2",
-            "--trainer.strategy=ddp", RECORD, f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp_runs'}"]  # fmt: skip
+            "--trainer.strategy=ddp", RECORD, f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp_runs'}"]
     done = subprocess.run([sys.executable, "-m", "prefopt", *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     got = _trajectory(ddp)
@@ -74,7 +74,7 @@ def test_kto_under_ddp_takes_its_reference_point_over_all_ranks(micro_base, tmp_
     record = tmp_path / "kto.jsonl"
     env = dict(os.environ, LOSS_TRAJECTORY=str(record), PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     args = ["fit", "--model.loss={name: kto}", "--data.batch_size=2", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
-            "--trainer.devices=2", "--trainer.strategy=ddp", RECORD, f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+            "--trainer.devices=2", "--trainer.strategy=ddp", RECORD, f"--trainer.logger.init_args.save_dir={tmp_path}"]
     done = subprocess.run([sys.executable, "-m", "prefopt", *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _trajectory(record)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from prefopt import grid, report
+from prefopt import grid_cli, report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "analysis").rglob("*.ipynb"))
@@ -33,7 +33,7 @@ MICRO_GOLD_GRID = {
     "axes": {"seed": [0, 1]},
     "variants": [{"model.loss.name": "dpo", "model.loss.beta": [0.05, 1.0]},
                  {"model.loss.name": "ipo", "model.loss.beta": [0.1, 2.0]}],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def micro_results(gold_reference_dir, tmp_path_factory) -> Path:
     grid_file = folder / "micro_gold.yaml"
     grid_file.write_text(yaml.safe_dump(MICRO_GOLD_GRID, sort_keys=False))
     out = folder / "results"
-    assert grid.main(["--config", str(grid_file), "--out", str(out), "--workers", "2", "--no-check"]) == 0
+    assert grid_cli.main(["--config", str(grid_file), "--out", str(out), "--workers", "2", "--no-check"]) == 0
     assert report.main([str(out), "--no-plots"]) == 0
     return out
 

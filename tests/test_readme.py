@@ -134,7 +134,7 @@ def test_every_readme_command_is_run_or_listed():
 
 def test_the_parse_joins_continued_lines_drops_comments_and_splits_chains():
     text = ("```bash\n#!/bin/bash\n#SBATCH --nodes=2\npip install x && python -m a --b '#c d' \\\n    --e=1   # note\n"
-            "```\n\n```yaml\nkey: value\n```\n")  # fmt: skip
+            "```\n\n```yaml\nkey: value\n```\n")
     assert readme_commands(text) == ["pip install x", "python -m a --b '#c d' --e=1"]
 
 
@@ -144,7 +144,7 @@ def checkout(tmp_path: Path) -> Path:
     """A copy of the checkout: the files git lists (tracked, and new ones not ignored), as they are on disk now.
     Git ignores runs, checkpoints and events; of the committed results only results/default is copied."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+                            capture_output=True, text=True)
     if listed.returncode != 0:
         pytest.skip(f"not a git checkout, so there is no list of its files to copy: {listed.stderr.strip()}")
     copy = tmp_path / "checkout"
@@ -208,7 +208,7 @@ def test_the_default_job_then_export_its_policy(gold_reference_dir, checkout):
     run(plain, checkout)
     model = AutoModelForCausalLM.from_pretrained(out)
     trained = {k.removeprefix("policy."): v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items()
-               if k.startswith("policy.")}  # fmt: skip
+               if k.startswith("policy.")}
     exported = model.state_dict()
     assert trained.keys() <= exported.keys() and all(torch.equal(exported[k], v) for k, v in trained.items())
     assert AutoTokenizer.from_pretrained(out).eos_token is not None
@@ -307,7 +307,7 @@ def test_the_grid_without_reference_cache_into_another_folder(gold_reference_dir
     out = tmp_path / "nocache"
     runs_pattern = "dpo_beta0.5_seed0,simpo_beta2_seed0"  # one loss with a reference, one reference-free
     done = run(f"{command.replace(' --out /tmp/nocache', f' --out {out}')} --set trainer.max_steps={STEPS} "
-               f"--runs {runs_pattern}", checkout)  # fmt: skip
+               f"--runs {runs_pattern}", checkout)
     assert f"finished: 2 ok, 0 failed; tables in {out}" in done.stderr, done.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["run"]) == sorted(runs_pattern.split(",")) and set(runs["status"]) == {"ok"}

@@ -24,7 +24,7 @@ def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, s
     run_dir.mkdir(parents=True)
     assigned = {"seed_everything": seed, **{f"model.loss.{k}": v for k, v in loss.items()}}
     spec = {"name": run_dir.name, "variant": variant, "assigned": assigned, "loss": loss, "seed": seed,
-            "args": [], "git_commit": "abc123", "run_time_s": 10.0}  # fmt: skip
+            "args": [], "git_commit": "abc123", "run_time_s": 10.0}
     (run_dir / "run.json").write_text(json.dumps(spec))
     if status == "unfinished":  # started, no config or metrics yet
         return run_dir
@@ -34,7 +34,7 @@ def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, s
         return run_dir
     history = [{**{k: v * 0.5 for k, v in final.items()}, "step": 100.0}, {**final, "step": 200.0}]
     metrics = {"final": final, "best": final, "history": history, "finished": True, "data_hash": f"d{seed}",
-               "wall_time_s": 9.0, "train_pairs_per_s": 100.0, "train_loss": 0.5, "step": 200}  # fmt: skip
+               "wall_time_s": 9.0, "train_pairs_per_s": 100.0, "train_loss": 0.5, "step": 200}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
 
@@ -49,11 +49,11 @@ def test_summary_mean_std_and_ci_by_hand(tmp_path):
     """Rewards 1, 2, 3 over three seeds: mean 2, s.d. 1, 95% CI half-width t(0.975, 2) / sqrt(3) = 2.4841."""
     runs_dir = tmp_path / "runs"
     dirs = [fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, s, {rk.REWARD: r, rk.KL: 1.0})
-            for s, r in enumerate([1.0, 2.0, 3.0])]  # fmt: skip
+            for s, r in enumerate([1.0, 2.0, 3.0])]
     dirs.append(fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, 3, {}, status="failed"))
     dirs.append(fake_run(runs_dir, "dpo", {"name": "dpo", "beta": 0.1}, 4, {}, status="unfinished"))
     dirs += [fake_run(runs_dir, "ipo", {"name": "ipo", "beta": 0.5, "average_log_probs": True}, s, {rk.REWARD: 5.0})
-             for s in (0, 1)]  # fmt: skip
+             for s in (0, 1)]
     runs = write_tables(tmp_path, dirs)
     assert (runs["status"] == "failed").sum() == 1 and "boom" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
     assert (runs["status"] == "unfinished").sum() == 1
@@ -70,7 +70,7 @@ def test_summary_mean_std_and_ci_by_hand(tmp_path):
     # runs.csv: every swept key, every loss hyperparameter, seed, commit, data hash, metrics.
     table = pd.read_csv(tmp_path / "runs.csv")
     for column in ("run", "curve", "variant", "status", "loss", "loss.beta", "loss.average_log_probs", "seed",
-                   "git_commit", "data_hash", "data.gold.label_temperature", rk.REWARD, f"best/{rk.REWARD}"):  # fmt: skip
+                   "git_commit", "data_hash", "data.gold.label_temperature", rk.REWARD, f"best/{rk.REWARD}"):
         assert column in table, column
     assert pd.read_parquet(tmp_path / "runs.parquet").shape == table.shape
     assert set(pd.read_csv(tmp_path / "history.csv")["step"]) == {100.0, 200.0}
@@ -78,7 +78,7 @@ def test_summary_mean_std_and_ci_by_hand(tmp_path):
 
 def test_a_single_seed_has_no_interval():
     runs = pd.DataFrame({"run": ["a"], "variant": ["dpo"], "status": ["ok"], "loss": ["dpo"], "loss.beta": [0.1],
-                         "seed": [0], rk.REWARD: [1.5]})  # fmt: skip
+                         "seed": [0], rk.REWARD: [1.5]})
     row = summarize(runs).iloc[0]
     assert row["n"] == 1 and row[f"{rk.REWARD}.mean"] == 1.5 and math.isnan(row[f"{rk.REWARD}.ci95"])
 
@@ -167,7 +167,7 @@ def test_a_curve_whose_kl_never_meets_the_others_is_left_unranked(capsys):
     """c lives at KL 6-9, beyond a (0.5-2) and b (0.4-3): ranking a and b over 0.5-2.0 beats no range at all."""
     far = pd.DataFrame([{"run": f"c_{beta}_{i}", "variant": "c", "status": "ok", "loss": "simpo", "loss.beta": beta,
                          "seed": i, rk.KL: kl, rk.REWARD: 2.0 + i / 10, rk.ACCURACY: 0.7, rk.GAP: 7.0}
-                        for i in range(3) for beta, kl in ((1.0, 6.0), (2.0, 9.0))])  # fmt: skip
+                        for i in range(3) for beta, kl in ((1.0, 6.0), (2.0, 9.0))])
     runs = pd.concat([hand_runs(), far], ignore_index=True)
     assert rk.common_kl_range(runs) == (0.5, 2.0, ["c"])
     ranked = rk.ranking(runs, frontier=_line_frontier).set_index("curve")
@@ -184,7 +184,7 @@ def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked(capsys):
     runs = pd.DataFrame([{"run": f"{c}_{kl}_{i}", "variant": c, "status": "ok", "loss": c, "loss.beta": kl, "seed": i,
                           rk.KL: kl, rk.REWARD: 1.0, rk.ACCURACY: 0.7, rk.GAP: gap}
                          for c, kls, gap in (("a", (0.1, 0.5), 0.2), ("b", (2.0, 4.0), 0.1))
-                         for kl in kls for i in range(3)])  # fmt: skip
+                         for kl in kls for i in range(3)])
     ranked = rk.ranking(runs, frontier=_line_frontier).set_index("curve")
     assert not ranked["ranked"].any() and ranked["rank"].isna().all()
     assert ranked["matched_gap.mean"].isna().all() and ranked["matched_kl_lo"].isna().all()
@@ -254,7 +254,7 @@ def test_curves_have_a_panel_per_loss_coloured_by_hyperparameter(tmp_path):
 
 def test_report_on_runs_without_gold_metrics_prints_the_summary(tmp_path, capsys):
     dirs = [fake_run(tmp_path / "runs", "dpo", {"name": "dpo", "beta": 0.1}, s, {"val/accuracy": 0.6 + s / 10})
-            for s in range(2)]  # fmt: skip
+            for s in range(2)]
     write_tables(tmp_path, dirs)
     assert report.main([str(tmp_path)]) == 0
     assert "no gold-task metrics" in capsys.readouterr().out

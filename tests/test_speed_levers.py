@@ -14,9 +14,9 @@ import pytest
 import torch
 from micro_fixtures import micro_base, micro_model, micro_pairs, poison_loss  # noqa: F401  (fixtures)
 
-from prefopt.batching import LengthGroupedSampler, padding_fraction
+from prefopt.batching import EpochSeededSampler, LengthGroupedSampler, padding_fraction
 from prefopt.cli import main
-from prefopt.data import EpochSeededSampler, PreferenceDataModule
+from prefopt.data import PreferenceDataModule
 from prefopt.logps import completion_token_logps, forward_logits, label_logps_from_hidden, pair_logps, token_logps
 from prefopt.losses import LossConfig
 from prefopt.models import load_causal_lm
@@ -24,12 +24,12 @@ from prefopt.module import PreferenceModule
 from prefopt.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps, trim_last_layer
 
 RECORD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_chosen_shared_logps",
-                 "policy_rejected_shared_logps", "chosen_lengths", "rejected_lengths")  # fmt: skip
+                 "policy_rejected_shared_logps", "chosen_lengths", "rejected_lengths")
 
 
 def _dm(micro_model, micro_pairs, **kwargs) -> PreferenceDataModule:
     dm = PreferenceDataModule(dataset=str(micro_pairs), tokenizer=str(micro_model), val_fraction=0.25, batch_size=4,
-                              **kwargs)  # fmt: skip
+                              **kwargs)
     dm.setup("fit")
     return dm
 
@@ -74,7 +74,7 @@ def _sharing_matches_standard(model, dm, grads: bool) -> None:
 
     with torch.enable_grad() if grads else torch.no_grad():
         a, grads_a = record_and_grads(standard, token_logps(forward_logits(model, standard), standard["input_ids"],
-                                                            standard["completion_mask"]))  # fmt: skip
+                                                            standard["completion_mask"]))
         b, grads_b = record_and_grads(shared, shared_token_logps(model, shared))
     for field in RECORD_FIELDS:
         torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5, msg=field)
@@ -109,13 +109,13 @@ def test_only_llama_structured_layers_are_trimmed():
     from transformers import GPT2Config, GPT2LMHeadModel, Olmo2Config, Olmo2ForCausalLM
 
     olmo = Olmo2ForCausalLM(Olmo2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2))  # fmt: skip
+                                        num_attention_heads=2))
     assert len(olmo.model.layers) == 2 and not trim_last_layer(olmo)
     assert not trim_last_layer(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32)))
 
 
 def test_a_trimmed_layer_runs_whole_under_gradient_checkpointing_and_its_copy_computes_with_its_own_weights(
-        micro_model, micro_pairs):  # fmt: skip
+        micro_model, micro_pairs):
     import copy
 
     from prefopt.models import enable_gradient_checkpointing
@@ -146,7 +146,7 @@ def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, 
 @pytest.mark.parametrize(("args", "message"), [
     (["--model.attn_implementation=flex_attention"], "flex_attention cannot train on the CPU"),
     (["--model.attn_implementation=flash_attention_2", "--data.share_prompt=true"], "share_prompt needs .*not 'flash"),
-])  # fmt: skip
+])
 def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monkeypatch, args, message):
     import prefopt.module
 
@@ -163,7 +163,7 @@ def test_unpaired_training_takes_any_attention_with_share_prompt_on(micro_base, 
     monkeypatch.setattr(prefopt.module, "load_causal_lm", lambda *a, **k: pytest.fail("loading"))
     with pytest.raises(pytest.fail.Exception, match="loading"):
         main(["fit", "--model.attn_implementation=flash_attention_2", "--data.share_prompt=true",
-              "--model.loss={name: kto}"])  # fmt: skip
+              "--model.loss={name: kto}"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
@@ -309,7 +309,7 @@ def test_a_run_with_every_lever_matches_a_run_without(micro_base):
     where memory comes from, never a value.)"""
     runs = []
     every_lever = ["--data.share_prompt=true", "--model.logps_chunk_size=3", "--model.check_finite_every_n_steps=2",
-                   "--model.trim_last_layer=true", "--model.keep_freed_host_memory=true"]  # fmt: skip
+                   "--model.trim_last_layer=true", "--model.keep_freed_host_memory=true"]
     for args in ([], every_lever):
         cli = main(["fit", "--data.share_prompt=false", "--model.reference_cache=false", *args])
         runs.append(json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text()))
@@ -328,7 +328,7 @@ def test_step_metrics_are_computed_on_exactly_the_steps_lightning_logs(micro_bas
     monkeypatch.setattr(prefopt.module, "pair_metrics", lambda *a, **k: computed.append(1) or real(*a, **k))
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
     cli = main(["fit", "--trainer.max_steps=7", "--trainer.log_every_n_steps=3", "--trainer.val_check_interval=null",
-                "--trainer.limit_val_batches=0", f"--trainer.logger={json.dumps(logger)}"])  # fmt: skip
+                "--trainer.limit_val_batches=0", f"--trainer.logger={json.dumps(logger)}"])
     rows = pd.read_csv(Path(cli.trainer.log_dir) / "metrics.csv")
     train = rows[rows["train/loss"].notna()]
     assert list(train["step"]) == [2, 5], "Lightning writes every 3rd step (steps numbered from 0)"
@@ -355,7 +355,7 @@ def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_p
     losses, grads = [], []
     for compile in (False, True):
         module = PreferenceModule(model=str(micro_model), loss=LossConfig("simpo"), compile=compile,
-                                  trim_last_layer=compile)  # compiled and trimmed against neither  # fmt: skip
+                                  trim_last_layer=compile)  # compiled and trimmed against neither
         module.configure_model()
         with torch.no_grad():  # move the policy off its reference so that the loss has a gradient to compare
             for p in module.policy.parameters():
@@ -392,7 +392,7 @@ def test_kept_host_memory_is_reused_without_page_faults():
     import sys
 
     out = subprocess.run([sys.executable, "-c", FAULT_PATTERN, "on"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     applied, kept = out.stdout.split()
     if applied != "True":
         pytest.skip("no glibc mallopt here")

@@ -11,7 +11,8 @@ import inspect
 
 from prefopt.losses import LOSSES
 from prefopt.losses.options import PAIR_OPTIONS, pair_options
-from prefopt.losses.registry import Hyperparameter, LossSpec
+from prefopt.losses.registry import LossSpec
+from prefopt.losses.schema import Hyperparameter
 
 COMMAND = "python -m prefopt.losses.docs > docs/losses.md"
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from prefopt.losses.registry import UnitInterval, _hyperparameters
+from prefopt.losses.schema import UnitInterval, hyperparameters
 from prefopt.records import PairLogps
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
@@ -44,7 +44,7 @@ def pair_options(*, ld_alpha: UnitInterval = 1.0, wpo: bool = False) -> None:
     """
 
 
-PAIR_OPTIONS = _hyperparameters(pair_options)
+PAIR_OPTIONS = hyperparameters(pair_options)
 
 
 def check_pair_options(fn: Callable[..., Tensor], params: dict[str, Any], where: str) -> None:

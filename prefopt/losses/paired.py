@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.losses.options import FDivergence, f_logratio
-from prefopt.losses.registry import NonNegative, Positive, Range, register
+from prefopt.losses.registry import register
+from prefopt.losses.schema import NonNegative, Positive, Range
 from prefopt.records import PairLogps
 
 Epsilon = Annotated[float, Range(0.0, 0.5, high_inclusive=False)]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.losses.registry import Positive, register
+from prefopt.losses.registry import register
+from prefopt.losses.schema import Positive
 from prefopt.records import PairLogps
 
 

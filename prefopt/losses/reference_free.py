@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.losses.registry import NonNegative, Positive, register
+from prefopt.losses.registry import register
+from prefopt.losses.schema import NonNegative, Positive
 from prefopt.records import PairLogps
 
 

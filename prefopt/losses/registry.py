@@ -3,7 +3,7 @@
 A loss is registered with `@register(name, ...)` on a function `fn(lp, *, hyper=default, ...) -> Tensor`
 that maps a log-prob record (`PairLogps` or `UnpairedLogps`) to per-example losses of shape (B,). Its
 keyword-only signature *is* its hyperparameter schema: each hyperparameter is typed, and its valid range is
-an `Annotated[float, Range(...)]` (or a `Literal[...]` for closed choices). The training module asks the
+an `Annotated[float, Range(...)]` or a `Literal[...]` (`prefopt.losses.schema`). The training module asks the
 metadata (needs a reference? paired or unpaired rows?) and never branches on a loss name.
 
 A `LossConfig` is what a YAML file names: `{name: dpo, beta: 0.1}`. It is registered as a jsonargparse
@@ -19,107 +19,15 @@ function, so no loss re-implements them. A loss function may carry hooks that `L
 
 from __future__ import annotations
 
-import inspect
-import math
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from torch import Tensor
 
+from prefopt.losses.options import PAIR_OPTIONS, apply_pair_options, check_pair_options
+from prefopt.losses.schema import Hyperparameter, hyperparameters
 from prefopt.records import PairLogps, UnpairedLogps
-
-
-@dataclass(frozen=True)
-class Range:
-    """Valid range of a numeric hyperparameter: low < x (or <=) and x < high (or <=); None is unbounded."""
-
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = True
-    high_inclusive: bool = True
-
-    def contains(self, x: float) -> bool:
-        if self.low is not None and (x < self.low or (x == self.low and not self.low_inclusive)):
-            return False
-        if self.high is not None and (x > self.high or (x == self.high and not self.high_inclusive)):
-            return False
-        return True
-
-    def __str__(self) -> str:
-        lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + f"{self.low:g}"
-        hi = "inf)" if self.high is None else f"{self.high:g}" + ("]" if self.high_inclusive else ")")
-        return f"{lo}, {hi}"
-
-
-# Shorthands for the common ranges.
-Positive = Annotated[float, Range(0.0, None, low_inclusive=False)]
-NonNegative = Annotated[float, Range(0.0, None)]
-UnitInterval = Annotated[float, Range(0.0, 1.0)]
-
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    name: str
-    type: Any  # the base type: float, int, bool, str, list, ...
-    default: Any
-    range: Range | None = None
-    choices: tuple[Any, ...] | None = None
-
-    def describe(self) -> str:
-        if self.choices is not None:
-            return f"one of {', '.join(map(repr, self.choices))}"
-        if self.range is not None:
-            return f"{getattr(self.type, '__name__', self.type)} in {self.range}"
-        return getattr(self.type, "__name__", str(self.type))
-
-    def validate(self, value: Any, where: str) -> Any:
-        """Return `value` coerced to this hyperparameter's type, or raise ValueError naming `where`."""
-        if self.choices is not None:
-            if value not in self.choices:
-                raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, self.choices))}")
-            return value
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"{where}: expected true or false, got {value!r}")
-            return value
-        if self.type in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}: expected a number, got {value!r}")
-            if self.type is int and not float(value).is_integer():
-                raise ValueError(f"{where}: expected an integer, got {value!r}")
-            value = self.type(value)
-            if not math.isfinite(value) or (self.range is not None and not self.range.contains(value)):
-                raise ValueError(f"{where}: {value!r} is outside the valid range {self.range}")
-            return value
-        if self.type is list and not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return value
-
-
-def _hyperparameters(fn: Callable) -> tuple[Hyperparameter, ...]:
-    """Read the keyword-only parameters of `fn` (with their annotations) as hyperparameters."""
-    hints = typing.get_type_hints(fn, include_extras=True)
-    out = []
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        if p.default is inspect.Parameter.empty:
-            raise TypeError(f"hyperparameter {fn.__name__}.{p.name} needs a default")
-        hint, rng, choices = hints[p.name], None, None
-        if typing.get_origin(hint) is Annotated:
-            hint, *extras = typing.get_args(hint)
-            rng = next((e for e in extras if isinstance(e, Range)), None)
-        if typing.get_origin(hint) is Literal:
-            choices = typing.get_args(hint)
-            hint = type(choices[0])
-        base = typing.get_origin(hint) or hint
-        if base is types.UnionType or base is typing.Union:
-            base = object
-        out.append(Hyperparameter(p.name, base, p.default, rng, choices))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -176,12 +84,8 @@ def register(
     """
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        own = _hyperparameters(fn)
-        extra: tuple[Hyperparameter, ...] = ()
-        if options and paired:
-            from prefopt.losses.options import PAIR_OPTIONS  # late: options.py imports this module
-
-            extra = PAIR_OPTIONS
+        own = hyperparameters(fn)
+        extra = PAIR_OPTIONS if options and paired else ()
         clash = {h.name for h in own} & {h.name for h in extra}
         if clash:
             raise TypeError(f"loss {name!r}: hyperparameters {sorted(clash)} clash with the generic options")
@@ -190,7 +94,7 @@ def register(
         spec = LossSpec(
             name, fn, paper, formula, needs_reference, paired, aggregation, reward,
             own, reward_scale, aliases, extra,
-        )  # fmt: skip
+        )
         for key in (name, *aliases):
             if key in LOSSES:
                 raise KeyError(f"loss {key!r} is registered twice")
@@ -227,8 +131,6 @@ class LossConfig:
         if check is not None:  # cross-field checks and nested configs (composite losses)
             check(self.params, f"loss {name!r}")
         if self.spec.options:
-            from prefopt.losses.options import check_pair_options
-
             check_pair_options(self.spec.fn, self.params, f"loss {name!r}")
 
     @classmethod
@@ -282,8 +184,6 @@ class LossConfig:
         own = {h.name: self.params[h.name] for h in self.spec.hyperparameters}
         if not self.spec.options:
             return self.spec.fn(lp, **own)
-        from prefopt.losses.options import apply_pair_options
-
         options = {h.name: self.params[h.name] for h in self.spec.options}
         return apply_pair_options(self.spec.fn, lp, own, **options)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefopt.losses.registry import NonNegative, Positive, register
+from prefopt.losses.registry import register
+from prefopt.losses.schema import NonNegative, Positive
 from prefopt.records import UnpairedLogps
 
 

@@ -1,0 +1,52 @@
+"""`python -m prefopt grid --config experiments/grids/<name>.yaml [--workers N] [--runs PATTERN] [--dry-run]`.
+
+The command: read and expand the grid file (`prefopt.grid`), check one run per variant, then run the runs
+locally (`prefopt.grid_runner`) or as Ray tasks (`prefopt.grid_ray`). Kept apart from `prefopt.grid` so that the
+grid's definition does not import its runners.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefopt.grid import GridError, check_configs, default_workers, expand, load_grid, select, with_overrides
+from prefopt.grid_runner import GridRunner
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefopt grid", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the grid file, e.g. experiments/grids/default.yaml")
+    parser.add_argument("--out", help="results folder (default: results/<grid name>)")
+    parser.add_argument("--workers", type=int, help="parallel runs (default: the grid's `workers`, else the cores)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    parser.add_argument("--no-check", action="store_true", help="skip parsing one run per variant before starting")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine; ray: one Ray task per run (pip install -e .[ray])")
+    parser.add_argument("--ray-address", help="the Ray cluster to join (e.g. auto, ray://head:10001); default: a local instance")
+    parser.add_argument("--cpus-per-run", type=float, default=1, help="Ray backend: CPUs each run asks for")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="Ray backend: GPUs each run asks for")
+    parser.add_argument("--runs", metavar="PATTERN", help="only the runs whose names match these shell patterns "
+                        "(comma-separated), e.g. 'dpo_beta0.5_*,kto_*_seed0'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
+    args = parser.parse_args(argv)
+    try:
+        grid = with_overrides(load_grid(args.config), args.set)
+        runs = select(expand(grid), args.runs)
+        if not args.no_check:
+            check_configs(grid, runs)
+    except GridError as err:
+        parser.exit(2, f"error: {err}\n")
+    out = Path(args.out or Path("results") / grid.name)
+    launcher = None
+    if args.backend == "ray" and not args.dry_run:
+        from prefopt.grid_ray import RayLauncher
+
+        launcher = RayLauncher(args.ray_address, num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run)
+    workers = args.workers or grid.workers or (launcher.capacity() if launcher else default_workers())
+    runner = GridRunner(grid, runs, out, workers=workers, launcher=launcher)
+    if args.dry_run:
+        runner.print_plan()
+        return 0
+    return runner.run()

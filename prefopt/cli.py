@@ -264,7 +264,7 @@ def main(args: list[str] | None = None):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "exit_on_error": False,  # parse errors raise (ArgumentError), printed below without the usage
-                **{cmd: {"default_config_files": base_config()} for cmd in ("fit", "validate", "test", "predict")},
+                **{cmd: {"default_config_files": base_config()} for cmd in COMMANDS},
             },
             auto_configure_optimizers=False,
         )

@@ -51,7 +51,8 @@ def checkpoint_step(path: Path) -> int | None:
     try:
         import torch
 
-        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+        # mmap: the tensors stay on disk (a large model's checkpoint is not read just for its step)
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
     except Exception:  # noqa: BLE001  (a cut-short or foreign file: the run then starts again)
         return None
 

@@ -30,9 +30,14 @@ def _colors(curves: list[str]) -> dict[str, tuple]:
     return {c: cmap(i % cmap.N) for i, c in enumerate(curves)}
 
 
+def varying_parameters(points: pd.DataFrame) -> list[str]:
+    """The loss hyperparameter columns whose values vary among these points."""
+    return [c for c in points.columns if c.startswith("loss.") and points[c].nunique() > 1]
+
+
 def swept_parameter(points: pd.DataFrame) -> str | None:
     """The loss hyperparameter column that varies along a curve (the first, if several); None for one point."""
-    varying = [c for c in points.columns if c.startswith("loss.") and points[c].nunique() > 1]
+    varying = varying_parameters(points)
     return varying[0] if varying else None
 
 
@@ -142,7 +147,7 @@ def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
 
 def _settings(g: pd.DataFrame) -> tuple[list[str], list[tuple]]:
     """The loss hyperparameters that vary within one curve's runs, and their value combinations, sorted."""
-    varying = [c for c in g.columns if c.startswith("loss.") and g[c].nunique() > 1]
+    varying = varying_parameters(g)
     combos = {tuple(row) for row in g[varying].itertuples(index=False)}
     values = sorted(combos, key=lambda v: [(isinstance(x, str), x) for x in v])  # numbers by value, then names
     return varying, values

@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL_SIZES, WORKDIR, build_inputs  # noqa: E402
 
-from prefopt.data import PreferenceDataModule  # noqa: E402
+from prefopt.train.data import PreferenceDataModule  # noqa: E402
 from prefopt.logps import decoder_and_head  # noqa: E402
-from prefopt.models import freeze, load_causal_lm  # noqa: E402
-from prefopt.prefix_sharing import shared_token_logps, trim_last_layer  # noqa: E402
+from prefopt.train.models import freeze, load_causal_lm  # noqa: E402
+from prefopt.fast.prefix_sharing import shared_token_logps, trim_last_layer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from prefopt.data import PreferenceDataModule
+from prefopt.train.data import PreferenceDataModule
 from prefopt.losses import LossConfig
-from prefopt.models import BUILTIN
-from prefopt.module import PreferenceModule
+from prefopt.train.models import BUILTIN
+from prefopt.train.module import PreferenceModule
 
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
@@ -180,7 +180,7 @@ def _remove_new_files(log_dir: Path, before: set[Path], stop: Path) -> None:
         folder = folder.parent
 
 
-TOOLS = {"grid": "prefopt.grid_cli", "report": "prefopt.report", "export": "prefopt.export"}  # not Lightning's
+TOOLS = {"grid": "prefopt.study.grid_cli", "report": "prefopt.study.report", "export": "prefopt.train.export"}  # not Lightning's
 
 
 def _show_info_logs() -> None:
@@ -194,7 +194,7 @@ def _show_info_logs() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- user errors
-# A config error (unknown key, bad value, YAML syntax) or a data error (prefopt.formats.DataError: a bad file, row or
+# A config error (unknown key, bad value, YAML syntax) or a data error (prefopt.train.formats.DataError: a bad file, row or
 # column) is printed as one short `error: ...` message, exit code 2: not jsonargparse's ~80-line usage before it, nor
 # a traceback. Any other exception is a bug and keeps its traceback. PREFOPT_TRACEBACK=1 shows them all.
 def _config_files(argv: list[str]) -> list[str]:
@@ -248,7 +248,7 @@ def main(args: list[str] | None = None):
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     from argparse import ArgumentError
 
-    from prefopt.formats import DataError
+    from prefopt.train.formats import DataError
 
     try:
         folded = with_dotted_loss_keys(argv)

@@ -166,7 +166,7 @@ def pair_logps(
     """Build the record of a paired batch from per-token log-probs (2B, T-1) of the policy and the reference.
 
     `ref_sums` (B, 4) replaces `ref_token_logps` when the reference log-probs come from the cache
-    (`prefopt.reference_cache`): columns chosen, rejected, chosen shared-prefix, rejected shared-prefix sums.
+    (`prefopt.fast.reference_cache`): columns chosen, rejected, chosen shared-prefix, rejected shared-prefix sums.
     """
     lengths = completion_mask[:, 1:].sum(-1).to(torch.float32)  # (2B,)
     shared = shared_prefix_mask(completion_mask)

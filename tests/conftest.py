@@ -36,7 +36,7 @@ def gold_reference_dir(tmp_path_factory: pytest.TempPathFactory):
     PREFOPT_CACHE is set above for the whole session; if it is not (a conftest without that line), use a
     folder under pytest's base temp and export it, so every later `ensure_reference()` reuses this build.
     """
-    from prefopt.gold_build import ensure_reference
+    from prefopt.gold.build import ensure_reference
 
     cache = os.environ.get("PREFOPT_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
     os.environ["PREFOPT_CACHE"] = cache

@@ -70,7 +70,7 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {root}, name: auto}}
   callbacks:
-    - class_path: prefopt.callbacks.MetricsJson
+    - class_path: prefopt.train.callbacks.MetricsJson
       init_args: {{monitor: val/margin_nats}}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{save_last: true, save_top_k: 0}}

@@ -14,8 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "prefopt"
 MAX_LINES = 400
-STUDY = {"prefopt.grid", "prefopt.grid_cli", "prefopt.grid_runner", "prefopt.grid_ray", "prefopt.tables",
-         "prefopt.ranking", "prefopt.report", "prefopt.plots"}
+# The wings and what each may import (besides itself): the core (records, log-probs, metrics, files) imports no wing;
+# the losses read the core only; the speed levers serve the losses' records; a run (train) uses the levers and the
+# built-in task; the study runs everything. The command line sits beside train, the study's commands above it.
+CORE = {"prefopt.records", "prefopt.logps", "prefopt.metrics", "prefopt.files"}
+MAY_IMPORT = {
+    "core": {"core"},
+    "losses": {"core"},
+    "fast": {"core", "losses"},
+    "gold": {"core"},
+    "train": {"core", "losses", "fast", "gold"},
+    "cli": {"core", "losses", "fast", "gold", "train"},
+    "study": {"core", "losses", "fast", "gold", "train", "cli"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +87,20 @@ def test_imports_go_one_way():
     assert cycles(import_graph()) == []
 
 
+def wing(module: str) -> str:
+    """The wing a module belongs to: its subpackage, "core" for the plain reference path, "cli" for the rest."""
+    if module in CORE or module == "prefopt":
+        return "core"
+    part = module.split(".")[1]
+    return part if part in MAY_IMPORT else "cli"
+
+
+def test_each_wing_imports_only_the_wings_below_it():
+    wrong = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if m != "prefopt"
+                   for t in targets if t != "prefopt" and wing(t) != wing(m) and wing(t) not in MAY_IMPORT[wing(m)])
+    assert not wrong
+
+
 def test_no_module_is_over_400_lines():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long
@@ -83,8 +108,9 @@ def test_no_module_is_over_400_lines():
 
 def test_a_training_run_loads_no_grid_table_or_plotting_code():
     """What `python -m prefopt fit` imports with the shipped base config's classes: none of the study modules."""
-    code = ("import sys, prefopt.cli, prefopt.callbacks, prefopt.gold_eval\n"
+    code = ("import sys, prefopt.cli, prefopt.train.callbacks, prefopt.gold.evaluation\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('prefopt'))))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=ROOT).stdout.split())
-    assert "prefopt.module" in loaded and not loaded & STUDY, sorted(loaded & STUDY)
+    study = sorted(m for m in loaded if m.startswith("prefopt.study"))
+    assert "prefopt.train.module" in loaded and not study, study

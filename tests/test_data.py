@@ -9,7 +9,7 @@ import pytest
 import torch
 from micro_fixtures import micro_model, micro_pairs  # noqa: F401  (fixtures)
 
-from prefopt.data import EpochSeededSampler, PreferenceDataModule
+from prefopt.train.data import EpochSeededSampler, PreferenceDataModule
 
 
 def _dm(path, model, **kwargs) -> PreferenceDataModule:

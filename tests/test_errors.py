@@ -14,9 +14,9 @@ from micro_fixtures import micro_base, micro_model, micro_pairs, micro_tokenizer
 from tokenizers import processors
 
 from prefopt.cli import main
-from prefopt.data import PreferenceDataModule
-from prefopt.formats import DataError
-from prefopt.sources import load_rows
+from prefopt.train.data import PreferenceDataModule
+from prefopt.train.formats import DataError
+from prefopt.train.sources import load_rows
 
 WORDS = ("fun", "nice", "great", "a", "it")
 ROWS = [{"prompt": "film :", "chosen": f"good {w}", "rejected": f"bad {w}"} for w in WORDS]
@@ -49,7 +49,7 @@ def _no_model_load(monkeypatch) -> None:
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr("prefopt.module.load_causal_lm", no_model)
+    monkeypatch.setattr("prefopt.train.module.load_causal_lm", no_model)
 
 
 def _short_error(err: str) -> str:
@@ -231,7 +231,7 @@ def test_prefopt_traceback_shows_the_exception_and_other_errors_keep_theirs(micr
     def bug(*args, **kwargs):
         raise KeyError("a bug, not a data error")
 
-    monkeypatch.setattr("prefopt.formats.detect_layout", bug)
+    monkeypatch.setattr("prefopt.train.formats.detect_layout", bug)
     with pytest.raises(KeyError, match="a bug"):
         main(["fit", f"--data.dataset={path}"])
 

@@ -88,7 +88,7 @@ def test_bad_loss_config_fails_at_parse_time(override, message, micro_base, monk
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr("prefopt.module.load_causal_lm", no_model)
+    monkeypatch.setattr("prefopt.train.module.load_causal_lm", no_model)
     with pytest.raises(SystemExit) as exc:
         main(["fit", override, "--print_config"])
     assert exc.value.code != 0
@@ -99,9 +99,9 @@ def test_bad_loss_config_fails_at_parse_time(override, message, micro_base, monk
 
 def test_cached_reference_logps_give_the_same_loss_as_a_live_reference(micro_base):
     """The reference cache changes no number: same batch, same loss and metrics to 1e-6, and the same run."""
-    from prefopt.data import PreferenceDataModule
-    from prefopt.module import PreferenceModule
-    from prefopt.reference_cache import load_or_compute
+    from prefopt.train.data import PreferenceDataModule
+    from prefopt.train.module import PreferenceModule
+    from prefopt.fast.reference_cache import load_or_compute
 
     module = PreferenceModule(model=_micro_model_path(micro_base), loss=LossConfig("dpo", beta=0.5, ld_alpha=0.5))
     module.configure_model()

@@ -19,9 +19,9 @@ from chat_fixtures import (
 )
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures; micro_base needs micro_pairs)
 
-from prefopt import formats
-from prefopt.data import PreferenceDataModule
-from prefopt.formats import RowError, detect_layout, split_messages, split_text
+from prefopt.train import formats
+from prefopt.train.data import PreferenceDataModule
+from prefopt.train.formats import RowError, detect_layout, split_messages, split_text
 
 USER = {"role": "user", "content": "hi"}
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt import gold_task as task
-from prefopt.gold_build import (
+from prefopt.gold import task
+from prefopt.gold.build import (
     ReferenceRecipe,
     build_tokenizer,
     ensure_pairs,
@@ -293,7 +293,7 @@ def test_pairs_are_seeded_valid_and_cached(gold_reference_dir, tmp_path):
 
 
 def test_evaluate_policy_on_the_reference_and_a_perturbed_policy(reference):
-    from prefopt.gold_eval import evaluate_policy
+    from prefopt.gold.evaluation import evaluate_policy
 
     model, tok = reference
     rng_before = torch.get_rng_state()
@@ -317,7 +317,7 @@ def test_evaluate_policy_on_the_reference_and_a_perturbed_policy(reference):
 
 
 def test_callback_logs_both_prompt_sets_and_skips_the_sanity_check(reference):
-    from prefopt.gold_eval import GoldTaskEvaluation
+    from prefopt.gold.evaluation import GoldTaskEvaluation
 
     model, tok = reference
     logged: dict[str, float] = {}

@@ -20,10 +20,10 @@ import torch
 import yaml
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
-from prefopt import grid as grid_mod
-from prefopt import grid_cli
-from prefopt import tables
-from prefopt.grid import GridError, expand, load_grid
+from prefopt.study import grid as grid_mod
+from prefopt.study import grid_cli
+from prefopt.study import tables
+from prefopt.study.grid import GridError, expand, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "runs", "results", "lightning_logs", ".cache", "node_modules"}

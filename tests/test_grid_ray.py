@@ -7,7 +7,7 @@ import pytest
 import yaml
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
-from prefopt import grid_cli
+from prefopt.study import grid_cli
 
 ray = pytest.importorskip("ray")
 
@@ -42,7 +42,7 @@ def test_a_grid_of_four_real_runs_on_ray_lands_in_the_usual_results_layout(micro
 
 
 def test_asking_for_gpus_the_cluster_lacks_is_an_error_not_a_hang(local_ray):
-    from prefopt.grid_ray import RayLauncher
+    from prefopt.study.ray_runner import RayLauncher
 
     with pytest.raises(SystemExit, match="asks for 1 GPUs but the Ray cluster has 0"):
         RayLauncher(num_gpus=1)

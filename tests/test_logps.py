@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.batching import collate_rows
+from prefopt.train.batching import collate_rows
 from prefopt.logps import pair_logps, shared_prefix_mask, token_kl, token_logps, unpaired_logps
 
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen
 
 from prefopt.cli import main
 from prefopt.logps import forward_logits, token_logps
-from prefopt.models import check_model_path, load_causal_lm, load_tokenizer
-from prefopt.module import PreferenceModule
+from prefopt.train.models import check_model_path, load_causal_lm, load_tokenizer
+from prefopt.train.module import PreferenceModule
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason='LoRA needs peft (the "lora" extra)')
 
@@ -98,7 +98,7 @@ def test_bf16_on_cpu_trains_a_micro_model(micro_base):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(micro_model, micro_pairs):
-    from prefopt.data import PreferenceDataModule
+    from prefopt.train.data import PreferenceDataModule
 
     dm = PreferenceDataModule(dataset=str(micro_pairs), tokenizer=str(micro_model), batch_size=4)
     dm.setup("fit")
@@ -198,7 +198,7 @@ def test_bad_lora_and_format_options_fail_at_parse_time(override, message, micro
 
 
 def test_unknown_column_fields_fail_when_the_datamodule_is_made():
-    from prefopt.data import PreferenceDataModule
+    from prefopt.train.data import PreferenceDataModule
 
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['promt'\]"):
         PreferenceDataModule(columns={"promt": "question"})
@@ -211,7 +211,7 @@ def test_models_load_straight_onto_the_accelerator_where_the_strategy_keeps_whol
 
     from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
-    import prefopt.module
+    import prefopt.train.module
 
     seen = []
 
@@ -219,7 +219,7 @@ def test_models_load_straight_onto_the_accelerator_where_the_strategy_keeps_whol
         seen.append(kwargs["device"])
         return torch.nn.Linear(2, 2)
 
-    monkeypatch.setattr(prefopt.module, "load_causal_lm", fake_load)
+    monkeypatch.setattr(prefopt.train.module, "load_causal_lm", fake_load)
     cuda = torch.device("cuda", 0)
     cases = [(None, None), (SingleDeviceStrategy(device=torch.device("cpu")), None),
              (SingleDeviceStrategy(device=cuda), cuda), (FSDPStrategy(), None)]

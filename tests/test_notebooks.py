@@ -18,13 +18,14 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from prefopt import grid_cli, report
+from prefopt.study import grid_cli
+from prefopt.study import report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "analysis").rglob("*.ipynb"))
 CALLBACKS = [
-    {"class_path": "prefopt.gold_eval.GoldTaskEvaluation", "init_args": {"num_samples": 64}},
-    {"class_path": "prefopt.callbacks.MetricsJson"},
+    {"class_path": "prefopt.gold.evaluation.GoldTaskEvaluation", "init_args": {"num_samples": 64}},
+    {"class_path": "prefopt.train.callbacks.MetricsJson"},
 ]
 MICRO_GOLD_GRID = {
     "name": "micro_gold",

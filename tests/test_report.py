@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prefopt import ranking as rk
-from prefopt import report
-from prefopt.tables import summarize, t_quantile, write_tables
+from prefopt.study import ranking as rk
+from prefopt.study import report
+from prefopt.study.tables import summarize, t_quantile, write_tables
 
 T_975_2DF = 4.302652729911275  # two-sided 95% Student-t quantile, 2 degrees of freedom (3 seeds)
 
@@ -197,7 +197,7 @@ def test_two_curves_whose_kl_ranges_never_meet_are_both_left_unranked(capsys):
 # ---------------------------------------------------------------------------------------------- report
 def gold_results(folder: Path) -> Path:
     """A results folder with dpo and ipo curves near the real frontier, three seeds each, one failed run."""
-    from prefopt.gold_task import frontier_point
+    from prefopt.gold.task import frontier_point
 
     dirs = []
     for seed in range(3):
@@ -216,7 +216,7 @@ def gold_results(folder: Path) -> Path:
 
 
 def test_report_writes_tables_and_pngs(tmp_path, capsys):
-    from prefopt.gold_task import frontier_point
+    from prefopt.gold.task import frontier_point
 
     folder = gold_results(tmp_path)
     assert report.main([str(folder)]) == 0
@@ -238,7 +238,7 @@ def test_curves_have_a_panel_per_loss_coloured_by_hyperparameter(tmp_path):
     """dpo: 3 betas x 3 seeds; ipo: 2 betas x 3 seeds (its failed beta-1 run left out)."""
     import matplotlib.pyplot as plt
 
-    from prefopt import plots
+    from prefopt.study import plots
 
     runs, _, history = report.read_tables(gold_results(tmp_path))
     fig = plots.curves_figure(history, rk.with_curves(runs))

@@ -167,7 +167,7 @@ def test_the_tests_do_not_write_into_the_checkout():
 
 
 def test_the_progress_bar_draws_only_on_a_terminal(monkeypatch):
-    from prefopt.callbacks import ProgressBar
+    from prefopt.train.callbacks import ProgressBar
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert ProgressBar().is_disabled
@@ -190,7 +190,7 @@ def micro_base_with_bar(micro_base):
 
     config = yaml.safe_load(micro_base.read_text())
     config["trainer"].pop("enable_progress_bar")
-    config["trainer"]["callbacks"].append({"class_path": "prefopt.callbacks.ProgressBar"})
+    config["trainer"]["callbacks"].append({"class_path": "prefopt.train.callbacks.ProgressBar"})
     micro_base.write_text(yaml.safe_dump(config))
     return micro_base
 
@@ -199,7 +199,7 @@ def micro_base_with_bar(micro_base):
                                   ["--model.loss={name: kto}"]])
 def test_pairs_per_second_counts_pairs_in_every_layout(micro_base, args):
     """Prompt-shared rows (one per pair), two rows per pair, and unpaired rows (two per pair): the same count."""
-    from prefopt.callbacks import MetricsJson
+    from prefopt.train.callbacks import MetricsJson
     from prefopt.cli import main
 
     cli = main(["fit", "--trainer.max_steps=3", *args])

@@ -6,7 +6,7 @@ import datasets
 import pytest
 from chat_fixtures import message_rows, write_hub_layout, write_jsonl
 
-from prefopt.sources import load_rows
+from prefopt.train.sources import load_rows
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
 
@@ -58,7 +58,7 @@ def test_bad_sources_are_named(tmp_path):
 def test_a_separate_validation_file(tmp_path):
     from micro_fixtures import save_micro_model, write_micro_pairs
 
-    from prefopt.data import PreferenceDataModule
+    from prefopt.train.data import PreferenceDataModule
 
     model = save_micro_model(tmp_path / "model")
     train, val = write_micro_pairs(tmp_path / "train.jsonl"), write_micro_pairs(tmp_path / "val.jsonl", n=8, seed=1)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from micro_fixtures import micro_base, micro_model, micro_pairs, poison_loss  # noqa: F401  (fixtures)
 
-from prefopt.batching import EpochSeededSampler, LengthGroupedSampler, padding_fraction
+from prefopt.train.batching import EpochSeededSampler, LengthGroupedSampler, padding_fraction
 from prefopt.cli import main
-from prefopt.data import PreferenceDataModule
+from prefopt.train.data import PreferenceDataModule
 from prefopt.logps import completion_token_logps, forward_logits, label_logps_from_hidden, pair_logps, token_logps
 from prefopt.losses import LossConfig
-from prefopt.models import load_causal_lm
-from prefopt.module import PreferenceModule
-from prefopt.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps, trim_last_layer
+from prefopt.train.models import load_causal_lm
+from prefopt.train.module import PreferenceModule
+from prefopt.fast.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps, trim_last_layer
 
 RECORD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_chosen_shared_logps",
                  "policy_rejected_shared_logps", "chosen_lengths", "rejected_lengths")
@@ -118,7 +118,7 @@ def test_a_trimmed_layer_runs_whole_under_gradient_checkpointing_and_its_copy_co
         micro_model, micro_pairs):
     import copy
 
-    from prefopt.models import enable_gradient_checkpointing
+    from prefopt.train.models import enable_gradient_checkpointing
 
     dm = _dm(micro_model, micro_pairs)
     batch = dm.collate_shared_pairs(dm.train_examples[:5])
@@ -148,9 +148,9 @@ def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, 
     (["--model.attn_implementation=flash_attention_2", "--data.share_prompt=true"], "share_prompt needs .*not 'flash"),
 ])
 def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monkeypatch, args, message):
-    import prefopt.module
+    import prefopt.train.module
 
-    monkeypatch.setattr(prefopt.module, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(prefopt.train.module, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model first"))
     with pytest.raises(ValueError, match=message):
         main(["fit", *args])
 
@@ -158,9 +158,9 @@ def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monke
 def test_unpaired_training_takes_any_attention_with_share_prompt_on(micro_base, monkeypatch):
     """Unpaired rows (KTO: data.unpaired follows the loss) are never prompt-shared, so flash_attention_2 passes the
     check and the run goes on to load."""
-    import prefopt.module
+    import prefopt.train.module
 
-    monkeypatch.setattr(prefopt.module, "load_causal_lm", lambda *a, **k: pytest.fail("loading"))
+    monkeypatch.setattr(prefopt.train.module, "load_causal_lm", lambda *a, **k: pytest.fail("loading"))
     with pytest.raises(pytest.fail.Exception, match="loading"):
         main(["fit", "--model.attn_implementation=flash_attention_2", "--data.share_prompt=true",
               "--model.loss={name: kto}"])
@@ -238,7 +238,7 @@ def test_training_step_loss_is_the_same_with_every_lever(micro_model, micro_pair
     loss = LossConfig("dpo", beta=0.5, ld_alpha=0.5)
     options = {}
     if lora:
-        from prefopt.lora import LoraOptions
+        from prefopt.train.lora import LoraOptions
 
         options = {"lora": LoraOptions(r=4)}
     torch.manual_seed(0)
@@ -321,11 +321,11 @@ def test_step_metrics_are_computed_on_exactly_the_steps_lightning_logs(micro_bas
     """Pair metrics are computed only on the steps Lightning writes, and every step it writes has all of them."""
     import pandas as pd
 
-    import prefopt.module
+    import prefopt.train.module
 
     computed = []
-    real = prefopt.module.pair_metrics
-    monkeypatch.setattr(prefopt.module, "pair_metrics", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = prefopt.train.module.pair_metrics
+    monkeypatch.setattr(prefopt.train.module, "pair_metrics", lambda *a, **k: computed.append(1) or real(*a, **k))
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
     cli = main(["fit", "--trainer.max_steps=7", "--trainer.log_every_n_steps=3", "--trainer.val_check_interval=null",
                 "--trainer.limit_val_batches=0", f"--trainer.logger={json.dumps(logger)}"])
@@ -371,7 +371,7 @@ def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_p
 
 FAULT_PATTERN = """
 import resource, sys, torch
-from prefopt.allocator import keep_freed_host_memory
+from prefopt.fast.allocator import keep_freed_host_memory
 torch.set_num_threads(1)  # one thread allocates and fills: the counts do not depend on the machine's threads
 on = sys.argv[1] == "on" and keep_freed_host_memory()
 counts = []

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from prefopt.files import remove_stale_temporaries, write_atomic, write_json  # noqa: F401  (re-exported)
-from prefopt.grid import lookup
+from prefopt.study.grid import lookup
 
 # Settings of the resolved config copied into every row, whether or not the grid sweeps them.
 RESOLVED = ("model.model", "data.dataset", "trainer.max_steps", "data.batch_size",

@@ -76,7 +76,7 @@ class MetricsJson(L.Callback):
         self.start = time.perf_counter()
         datamodule = trainer.datamodule
         if getattr(datamodule, "train_examples", None) and getattr(datamodule, "val_examples", None):
-            from prefopt.reference_cache import examples_hash
+            from prefopt.fast.reference_cache import examples_hash
 
             self.data_hash = examples_hash(datamodule.train_examples + datamodule.val_examples)
 

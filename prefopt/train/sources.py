@@ -10,7 +10,7 @@
 - otherwise a hub name (`trl-lib/ultrafeedback_binarized`), passed to `datasets.load_dataset` unchanged; offline
   it is read from the local `datasets` cache when it was downloaded before.
 
-Which columns mean what, and the checks each row passes, are in `prefopt.formats`. A source that cannot be read is
+Which columns mean what, and the checks each row passes, are in `prefopt.train.formats`. A source that cannot be read is
 a `DataError` naming it (and, for a JSON Lines line that does not parse, its line, counting from 1).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import datasets
 
-from prefopt.formats import DataError, DataFileNotFoundError
+from prefopt.train.formats import DataError, DataFileNotFoundError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # written by save_to_disk (DatasetDict, Dataset)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt import gold_task as task
+from prefopt.gold import task
 
 # A response is (topic, words, ended_with_eos): what `sample_responses` returns and `score_responses` reads.
 Response = tuple[str, list[str], bool]

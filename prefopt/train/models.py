@@ -1,6 +1,6 @@
 """Loading policies, references and tokenizers by name: the built-in task, a hub name, or a local directory.
 
-`"gold"` names the built-in task's reference policy, built and cached on first use (`prefopt.gold_build`); any
+`"gold"` names the built-in task's reference policy, built and cached on first use (`prefopt.gold.build`); any
 other string goes to `transformers` as it is: a hub name such as `Qwen/Qwen2.5-0.5B-Instruct` (offline, read from
 the local hub cache when it was downloaded before), or a local `save_pretrained` directory. Any
 `AutoModelForCausalLM` architecture loads, in fp32, bf16 or fp16, with the attention implementation asked for.
@@ -26,7 +26,7 @@ WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.ind
 def resolve(name: str) -> str:
     """The path or hub name that transformers should load for `name`."""
     if name == BUILTIN:
-        from prefopt.gold_build import ensure_reference
+        from prefopt.gold.build import ensure_reference
 
         return str(ensure_reference())
     return name

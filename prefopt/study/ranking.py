@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from prefopt.tables import add_curves, group_columns, t_quantile
+from prefopt.study.tables import add_curves, group_columns, t_quantile
 
 KL, REWARD, GAP = "val/gold/sampled_kl", "val/gold/gold_reward", "val/gold/frontier_gap"
 ACCURACY, MARGIN = "val/accuracy", "val/margin_nats"
@@ -33,7 +33,7 @@ Frontier = Callable[[float], float]
 
 
 def default_frontier() -> Frontier:
-    from prefopt.gold_task import frontier_reward_at_kl
+    from prefopt.gold.task import frontier_reward_at_kl
 
     return frontier_reward_at_kl
 

@@ -1,7 +1,7 @@
 """`python -m prefopt grid --config experiments/grids/<name>.yaml [--workers N] [--runs PATTERN] [--dry-run]`.
 
-The command: read and expand the grid file (`prefopt.grid`), check one run per variant, then run the runs
-locally (`prefopt.grid_runner`) or as Ray tasks (`prefopt.grid_ray`). Kept apart from `prefopt.grid` so that the
+The command: read and expand the grid file (`prefopt.study.grid`), check one run per variant, then run the runs
+locally (`prefopt.study.runner`) or as Ray tasks (`prefopt.study.ray_runner`). Kept apart from `prefopt.study.grid` so that the
 grid's definition does not import its runners.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefopt.grid import GridError, check_configs, default_workers, expand, load_grid, select, with_overrides
-from prefopt.grid_runner import GridRunner
+from prefopt.study.grid import GridError, check_configs, default_workers, expand, load_grid, select, with_overrides
+from prefopt.study.runner import GridRunner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path("results") / grid.name)
     launcher = None
     if args.backend == "ray" and not args.dry_run:
-        from prefopt.grid_ray import RayLauncher
+        from prefopt.study.ray_runner import RayLauncher
 
         launcher = RayLauncher(args.ray_address, num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run)
     workers = args.workers or grid.workers or (launcher.capacity() if launcher else default_workers())

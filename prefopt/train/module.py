@@ -2,7 +2,7 @@
 
 Each training step runs one concatenated forward of the 2B rows per model (policy always; reference only when the
 loss's metadata says it needs one; with `data.share_prompt`, one forward of B rows prompt + chosen + rejected,
-`prefopt.prefix_sharing`), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
+`prefopt.fast.prefix_sharing`), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
 record to the loss. The module asks the loss's metadata (`needs_reference`, `paired`) and never its name.
 
 The reference is frozen (eval mode, no gradients, not in the optimizer) and is not a registered submodule, so it is
@@ -10,7 +10,7 @@ neither in the optimizer nor in checkpoints: it is reloaded from its source, whi
 reference-free losses it is loaded for validation only, so that every loss is measured by the same
 reference-based metrics (reward margin, accuracy, KL to the reference).
 
-With LoRA (`lora`, `prefopt.lora`) the policy trains adapter weights only and the reference is a view of the same
+With LoRA (`lora`, `prefopt.train.lora`) the policy trains adapter weights only and the reference is a view of the same
 model (adapters disabled, or a frozen copy of the adapter training started from): no second copy of the weights.
 Checkpoints then hold the trainable adapter weights only; the base is reloaded from its source on resume.
 """
@@ -31,13 +31,13 @@ from transformers import PreTrainedModel
 from prefopt.logps import (
     completion_token_logps, decoder_and_head, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps,
 )
-from prefopt.allocator import keep_freed_host_memory
-from prefopt.prefix_sharing import MASK_BACKENDS, shared_token_logps, trim_last_layer
+from prefopt.fast.allocator import keep_freed_host_memory
+from prefopt.fast.prefix_sharing import MASK_BACKENDS, shared_token_logps, trim_last_layer
 from prefopt.losses import LossConfig
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
-from prefopt.lora import LoraOptions, attach_lora, trainable_keys
-from prefopt.models import BUILTIN, enable_gradient_checkpointing, freeze, load_causal_lm
-from prefopt.reference_cache import load_or_compute
+from prefopt.train.lora import LoraOptions, attach_lora, trainable_keys
+from prefopt.train.models import BUILTIN, enable_gradient_checkpointing, freeze, load_causal_lm
+from prefopt.fast.reference_cache import load_or_compute
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -103,10 +103,10 @@ class PreferenceModule(L.LightningModule):
                 0.5B model had not finished its warm-up after 500 s (benchmarks/README.md).
             trim_last_layer: with prompt-shared batches, the last decoder layer runs its MLP only at the positions
                 whose log-probs are read, not at the prompt or padding (Llama-structured layers; others unchanged;
-                `prefopt.prefix_sharing.trim_last_layer`).
+                `prefopt.fast.prefix_sharing.trim_last_layer`).
             keep_freed_host_memory: host memory freed during training stays in the process for the next step
                 instead of going back to the OS and being page-faulted in again (glibc's malloc thresholds, set
-                for the whole process when the models are configured; `prefopt.allocator`). Pays on CPU runs with
+                for the whole process when the models are configured; `prefopt.fast.allocator`). Pays on CPU runs with
                 batches of varying shapes; the process then does not shrink after its peak.
         """
         super().__init__()

@@ -26,7 +26,7 @@ PASSED = ("PREFOPT_CACHE", "PREFOPT_BASE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_TH
 
 def run_command(command: list[str], env: dict[str, str], cwd: str, stdout_path: str, stderr_path: str) -> int:
     """What a Ray task executes on its node: the run's process, with its output in the run's folder."""
-    from prefopt.grid_runner import die_with_parent
+    from prefopt.study.runner import die_with_parent
 
     environment = dict(os.environ, **env)
     with open(stdout_path, "ab") as out, open(stderr_path, "wb") as err:

@@ -43,8 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from prefopt import gold_task as task
-from prefopt.gold_sampling import Response, _prompt_ids, sample_responses, score_responses  # noqa: F401 (re-exported)
+from prefopt.gold import task
+from prefopt.gold.sampling import Response, _prompt_ids, sample_responses, score_responses  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The LightningDataModule: load preference rows, check them, tokenize once, pad per batch.
 
-Rows come from `prefopt.sources` (a file, a directory or a hub name); their format (standard, implicit prompt or
-unpaired; text or conversational) is detected from the columns, or forced by `format` (`prefopt.formats`), and
+Rows come from `prefopt.train.sources` (a file, a directory or a hub name); their format (standard, implicit prompt or
+unpaired; text or conversational) is detected from the columns, or forced by `format` (`prefopt.train.formats`), and
 every row is checked before anything trains: a bad row is an error naming the source, row and field (or, with
 `bad_rows: skip`, dropped and counted).
 
@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from prefopt import formats
-from prefopt.batching import EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows
-from prefopt.formats import DataError
-from prefopt.models import BUILTIN, load_tokenizer
-from prefopt.sources import load_rows
+from prefopt.train import formats
+from prefopt.train.batching import EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows
+from prefopt.train.formats import DataError
+from prefopt.train.models import BUILTIN, load_tokenizer
+from prefopt.train.sources import load_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class PreferenceDataModule(L.LightningDataModule):
             val_fraction: fraction held out when there is no validation split, in (0, 1).
             columns: map from prefopt's field names (prompt, chosen, rejected, completion, label) to the dataset's
                 column names, e.g. {prompt: question, chosen: good, rejected: bad}.
-            format: "auto" detects it from the columns (prefopt/formats.py); or force "standard" (prompt, chosen,
+            format: "auto" detects it from the columns (prefopt/train/formats.py); or force "standard" (prompt, chosen,
                 rejected), "implicit_prompt" (chosen and rejected transcripts; the prompt is their shared start) or
                 "unpaired" (prompt, completion, boolean label; unpaired losses only). Text or conversational
                 (lists of {role, content} messages) is read from the column types.
@@ -135,10 +135,10 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenizing (datasets' map); None: one.
             share_prompt: paired training batches hold one row prompt + chosen + rejected per pair, so the prompt is
-                computed once (prefopt/prefix_sharing.py); the loss is unchanged up to float rounding. Validation
+                computed once (prefopt/fast/prefix_sharing.py); the loss is unchanged up to float rounding. Validation
                 batches and unpaired losses keep the two-row layout.
             group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
-                batches again, then shuffle the batches (prefopt/batching.py): less padding, less varied batches.
+                batches again, then shuffle the batches (prefopt/train/batching.py): less padding, less varied batches.
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
@@ -165,7 +165,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """(train rows, validation rows or None, train source name, val source name)."""
         hp = self.hparams
         if hp.dataset == BUILTIN:
-            from prefopt.gold_build import ensure_pairs, ensure_reference
+            from prefopt.gold.build import ensure_pairs, ensure_reference
 
             train_path, val_path = ensure_pairs(
                 ensure_reference(), seed=hp.seed, pairs_per_prompt=self.gold.pairs_per_prompt,
@@ -311,8 +311,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return _with_reference_logps(batch, examples)
 
     def collate_shared_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/prefix_sharing.py."""
-        from prefopt.prefix_sharing import collate_shared_pairs
+        """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/fast/prefix_sharing.py."""
+        from prefopt.fast.prefix_sharing import collate_shared_pairs
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
                                      [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)
@@ -339,7 +339,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def builtin_task(self) -> bool:
-        """The data is the built-in task's (what its evaluation, `prefopt.gold_eval`, needs)."""
+        """The data is the built-in task's (what its evaluation, `prefopt.gold.evaluation`, needs)."""
         return self.hparams.dataset == BUILTIN
 
     @property
@@ -352,7 +352,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.hparams.unpaired:
             return [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in data]
         if self.shares_prompts:
-            from prefopt.prefix_sharing import shared_row_length
+            from prefopt.fast.prefix_sharing import shared_row_length
 
             return [shared_row_length(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in data]
         return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in data]

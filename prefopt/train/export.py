@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefopt.formats import read_chat_template
-from prefopt.lora import LoraOptions, attach_lora
-from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.train.formats import read_chat_template
+from prefopt.train.lora import LoraOptions, attach_lora
+from prefopt.train.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.
   frontier point at b = T beta (T: the label temperature), next to where its runs landed;
 - matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
   its difference to the best curve there, paired by seed;
-- ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.ranking`);
-- frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.plots`).
+- ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.study.ranking`);
+- frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.study.plots`).
 
 It prints the summary (mean ± 95% CI across seeds), the matched-KL table and the ranking. Preference accuracy is
 shown but never ranks (docs/gold_task.md, 'Preference accuracy does not rank losses'). A grid without gold metrics
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prefopt import ranking as rk
-from prefopt.tables import write_csv
+from prefopt.study import ranking as rk
+from prefopt.study.tables import write_csv
 
 FRONTIER_B = np.geomspace(0.002, 500.0, 300)  # from (almost) the maximal reward to (almost) the base
 
@@ -41,7 +41,7 @@ def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
 
 def frontier_table() -> pd.DataFrame:
-    from prefopt.gold_task import base_mean_reward, frontier_curve
+    from prefopt.gold.task import base_mean_reward, frontier_curve
 
     kl, reward = frontier_curve(FRONTIER_B)
     rows = pd.DataFrame({"b": FRONTIER_B, "kl": kl, "reward": reward})
@@ -51,7 +51,7 @@ def frontier_table() -> pd.DataFrame:
 
 def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
     """Per plain-DPO setting (every hyperparameter but beta at its default): target and achieved (kl, reward)."""
-    from prefopt.gold_task import frontier_point
+    from prefopt.gold.task import frontier_point
     from prefopt.losses import LOSSES
 
     curves = rk.with_curves(runs)
@@ -112,7 +112,7 @@ def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked:
 
 
 def print_ranking(ranked: pd.DataFrame) -> None:
-    """The ranking table (`prefopt.ranking.ranking`), with the KL range it is over and the curves left out of it."""
+    """The ranking table (`prefopt.study.ranking.ranking`), with the KL range it is over and the curves left out of it."""
     lo, hi = ranked["matched_kl_lo"].iloc[0], ranked["matched_kl_hi"].iloc[0]
     over = f"over KL {lo:.2f}-{hi:.2f} (the range every ranked curve and seed covers)" if pd.notna(lo) else (
         "at matched KL: none ranked, as no KL range is covered by every seed of two or more curves")
@@ -135,7 +135,7 @@ def print_ranking(ranked: pd.DataFrame) -> None:
 
 def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,
                 targets: pd.DataFrame) -> list[Path]:
-    from prefopt import plots
+    from prefopt.study import plots
 
     written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
                plots.gap_plot(points, out / "frontier_gap.png"),

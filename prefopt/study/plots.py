@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prefopt.ranking import ACCURACY, GAP, KL, MARGIN, REWARD  # noqa: E402
-from prefopt.tables import write_atomic  # noqa: E402
+from prefopt.study.ranking import ACCURACY, GAP, KL, MARGIN, REWARD  # noqa: E402
+from prefopt.study.tables import write_atomic  # noqa: E402
 
 
 def _colors(curves: list[str]) -> dict[str, tuple]:

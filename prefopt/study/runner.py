@@ -9,7 +9,7 @@
 - Every run gets cores // N torch threads (OMP_NUM_THREADS) and the same $PREFOPT_CACHE, so the reference policy,
   the pairs of each seed and the reference log-probs are computed once and shared by every run (and later grids).
 - On Linux a run dies with the grid (PR_SET_PDEATHSIG), so a grid killed with kill -9 leaves no orphan writing
-  into its folder; the tables are rewritten atomically after every run (`prefopt.tables`).
+  into its folder; the tables are rewritten atomically after every run (`prefopt.study.tables`).
 
 The fit command is `python -m prefopt fit`; PREFOPT_GRID_FIT_COMMAND replaces it (a shell-quoted command line),
 which is how the tests run grids of stub runs in milliseconds.
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prefopt.grid import ROOT, Grid, Run, default_workers
-from prefopt.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
+from prefopt.study.grid import ROOT, Grid, Run, default_workers
+from prefopt.study.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_stale_temporaries, run_status,
                             write_atomic, write_json, write_tables)
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt
@@ -99,7 +99,7 @@ class Active:
 
 class GridRunner:
     def __init__(self, grid: Grid, runs: list[Run], out: Path, workers: int, launcher: Any = None) -> None:
-        """`launcher`: None starts each run as a local process; a `prefopt.grid_ray.RayLauncher` makes it a Ray task."""
+        """`launcher`: None starts each run as a local process; a `prefopt.study.ray_runner.RayLauncher` makes it a Ray task."""
         self.grid, self.runs, self.out = grid, runs, Path(out)
         self.workers = max(1, workers)
         self.launcher = launcher
@@ -128,7 +128,7 @@ class GridRunner:
         return args + ([f"--ckpt_path={resume}"] if resume else [])
 
     def environment(self) -> dict[str, str]:
-        from prefopt.gold_build import default_cache_dir  # the one cache every run of every grid shares
+        from prefopt.gold.build import default_cache_dir  # the one cache every run of every grid shares
 
         env = dict(os.environ, PREFOPT_CACHE=str(Path(default_cache_dir()).resolve()), PYTHONUNBUFFERED="1")
         env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
@@ -264,11 +264,11 @@ class GridRunner:
 
     def _prepare_cache(self, todo: list[Run]) -> None:
         """Build the built-in task's reference once, here, rather than in several workers at the same time."""
-        from prefopt.grid import base_values, lookup
+        from prefopt.study.grid import base_values, lookup
 
         models = {r.assigned.get("model.model", lookup(base_values(self.grid), "model.model")) for r in todo}
         if "gold" in models:
-            from prefopt.gold_build import ensure_reference
+            from prefopt.gold.build import ensure_reference
 
             ensure_reference()
 

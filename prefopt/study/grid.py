@@ -15,7 +15,7 @@ Keys under `model.loss.` are merged into the base's loss dict (a different `mode
 loss's defaults), and the merged loss is validated while the grid is expanded, so a typo fails before any run
 starts. Run names are generated: the variant's `name` (default: its loss name), then every swept key's short name
 and value, then the seed, e.g. `dpo_beta0.5_seed1`; a hyperparameter whose value is itself a list is written as a
-list of one list. The command is `prefopt.grid_cli`, the runner `prefopt.grid_runner`, the tables `prefopt.tables`.
+list of one list. The command is `prefopt.study.grid_cli`, the runner `prefopt.study.runner`, the tables `prefopt.study.tables`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOSS_KEY = "model.loss"
 SEED_KEY = "seed_everything"
 ALIASES = {"seed": SEED_KEY}

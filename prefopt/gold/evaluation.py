@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt import gold_task as task
-from prefopt.gold_sampling import sample_responses, score_responses
+from prefopt.gold import task
+from prefopt.gold.sampling import sample_responses, score_responses
 
 log = logging.getLogger(__name__)
 SHORT_WORDS = 4  # fewer words than the base's minimum length counts as "short"

@@ -1,4 +1,4 @@
-"""`model.trim_last_layer` A/B in one process: a compiled training step with and without it.
+"""`model.scoring.trim_last_layer` A/B in one process: a compiled training step with and without it.
 
     python benchmarks/ab_trim_last_layer.py                # 20M policy step (about 4 minutes on 2 cores)
     python benchmarks/ab_trim_last_layer.py --size 1m --live
@@ -6,7 +6,7 @@
 The lever saves about 4-5% of a step's FLOPs, less than bench_dpo.py's run-to-run spread on this machine (separate
 processes, minutes apart). Here both set-ups live in one process and take turns on the same prompt-shared batches
 (ABAB, then BABA, ...), so the machine's drift hits both alike. A step: policy forward + backward + fused AdamW
-(with --live, first the reference's forward under no_grad, as with a live reference), compiled as `model.compile`
+(with --live, first the reference's forward under no_grad, as with a live reference), compiled as `model.scoring.compile`
 compiles, batch 8, max length 128, 2 threads. Prints each one's median step time and the median per-batch ratio.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL_SIZES, WORKDIR, build_inputs  # noqa: E402
 
 from prefopt.train.data import PreferenceDataModule  # noqa: E402
-from prefopt.logps import decoder_and_head  # noqa: E402
+from prefopt.fast.head import decoder_and_head  # noqa: E402
 from prefopt.train.models import freeze, load_causal_lm  # noqa: E402
 from prefopt.fast.prefix_sharing import shared_token_logps, trim_last_layer  # noqa: E402
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in (policy, reference) if args.live else (policy,):
             if name == "trimmed" and not trim_last_layer(model):
                 raise SystemExit("the benchmark model's last layer could not be trimmed")
-            decoder_and_head(model)[0].compile(dynamic=True)  # as model.compile
+            decoder_and_head(model)[0].compile(dynamic=True)  # as model.scoring.compile
         setups[name] = (policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True))
 
     def step(name: str, batch: dict) -> float:

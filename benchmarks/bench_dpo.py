@@ -48,14 +48,14 @@ PROFILES = {
             # within 500 s (compiling policy and reference, dynamic shapes), longer than all the others together.
             # The LM head in chunks of 4,096 rows: at batch 16 the one-piece (rows, 151,936) fp32 logits ran out of
             # the H100's 80 GB (so do the plain loop's, which has no such switch; TRL's fit in 60 GB).
-            "prefopt_args": "--model.compile=false --model.logps_chunk_size=4096",
+            "prefopt_args": "--model.scoring.compile=false --model.scoring.logps_chunk_size=4096",
             # prompt sharing's mask as a BlockMask (skips fully masked tiles): 2.0x sdpa live (benchmarks/README.md)
-            "prefopt_variant": ["flex=--model.attn_implementation=flex_attention"]},
+            "prefopt_variant": ["flex=--model.scoring.attn_implementation=flex_attention"]},
 }
 
 
 # prefopt as configs/base.yaml ships it: without the speed settings that prefopt_overrides.yaml turns on.
-BASE_VARIANT = "base=--data.group_by_length=0 --model.compile=false"
+BASE_VARIANT = "base=--data.group_by_length=0 --model.scoring.compile=false"
 
 
 def cpu_times() -> tuple[float, float]:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contenders", nargs="+", default=["prefopt", "plain", "trl"], choices=["prefopt", "plain", "trl"])
     ap.add_argument("--prefopt-variant", action="append", default=None, metavar="NAME=ARGS",
                     help="an extra prefopt contender 'prefopt[NAME]' with these CLI overrides (space-separated), "
-                         "e.g. 'eager=--model.compile=false'; repeatable; default: the profile's (gpu: "
+                         "e.g. 'eager=--model.scoring.compile=false'; repeatable; default: the profile's (gpu: "
                          f"flex_attention), else '{BASE_VARIANT}' (configs/base.yaml's speed settings); 'none' for "
                          "no variant")
     ap.add_argument("--repeats", type=int, default=3)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     decoder = model.get_decoder()
     if args.compile:
-        decoder.compile(dynamic=True)  # as prefopt's model.compile
+        decoder.compile(dynamic=True)  # as prefopt's model.scoring.compile
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=True)
     ids = torch.randint(0, 256, (args.batch, args.length))
 

@@ -216,7 +216,7 @@ def run_prefopt(inputs: dict[str, str], live: bool, warmup: int, steps: int, bat
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0, "fused": True}}
     cli = main([
         "fit", f"--config={Path(__file__).resolve().parent / 'prefopt_overrides.yaml'}",
-        f"--model.model={inputs['model']}", f"--model.reference_cache={str(not live).lower()}",
+        f"--model.model={inputs['model']}", f"--model.scoring.reference_cache={str(not live).lower()}",
         f"--model.optimizer={json.dumps(optimizer)}", f"--model.loss={json.dumps({'name': 'dpo', 'beta': BETA})}",
         f"--data.dataset={inputs['dataset']}", f"--data.batch_size={batch}", f"--trainer.max_steps={warmup + steps}",
         f"--data.max_length={inputs['max_length']}", f"--trainer.default_root_dir={root}",

@@ -1,7 +1,7 @@
 """Where a prefopt training step's time goes: the benchmark's prefopt run with torch.profiler over a few steps.
 
     python benchmarks/step_profile.py --profile gpu                         # the GPU profile's model and settings
-    python benchmarks/step_profile.py --profile gpu -- --model.attn_implementation=flex_attention
+    python benchmarks/step_profile.py --profile gpu -- --model.scoring.attn_implementation=flex_attention
     python benchmarks/step_profile.py --size 20m --mode live                # CPU
 
 Runs prefopt exactly as bench_dpo.py does (configs/base.yaml, prefopt_overrides.yaml, the profile's prefopt_args,

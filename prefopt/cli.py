@@ -6,8 +6,10 @@ after it, last wins: `--config experiments/dpo.yaml --config my_overrides.yaml`.
 another base file.
 
 Values two parts must agree on are linked at parse time, not copied by hand: the tokenizer is the model's, the
-DataModule's paired/unpaired mode follows the loss's metadata, and the data seed is the run's seed (so a seed
-redraws the built-in task's preference pairs as well as the initialization order).
+DataModule's paired/unpaired mode follows the loss's metadata, its batch layout follows the scorer's
+(`model.scoring.share_prompt`), and the data seed is the run's seed (so a seed redraws the built-in task's
+preference pairs as well as the initialization order). A loss that reads a record field the scoring settings cannot
+produce is refused here too, before anything loads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from prefopt.train.data import PreferenceDataModule
+from prefopt.fast.scorer import ScoringOptions, check_fields
 from prefopt.losses import LossConfig
 from prefopt.train.models import BUILTIN
 from prefopt.train.module import PreferenceModule
@@ -121,6 +124,7 @@ class PrefoptCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("model.loss", "data.unpaired", compute_fn=_unpaired)
         parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("model.scoring.share_prompt", "data.share_prompt")  # the scorer owns the layout
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a fit that fails before writing any result (bad data, a model that will not load) leaves no
@@ -141,6 +145,12 @@ class PrefoptCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            check_fields(ScoringOptions(**dict(config.model.scoring)), config.model.loss)
+        except ValueError as err:
+            from argparse import ArgumentError
+
+            raise ArgumentError(None, str(err)) from None
         logger = config.trainer.get("logger")
         if isinstance(logger, dict) or hasattr(logger, "init_args"):
             args = logger["init_args"] if isinstance(logger, dict) else logger.init_args

@@ -36,8 +36,13 @@ class PairLogps:
     policy_rejected_shared_logps: Tensor | None = None
     ref_chosen_shared_logps: Tensor | None = None
     ref_rejected_shared_logps: Tensor | None = None
+    # Sum over completion tokens of KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t)) between the reference's and the policy's
+    # next-token distributions (TDPO's sequential KL), with the policy's gradient; needs both models' full logits.
+    chosen_seq_kl: Tensor | None = None
+    rejected_seq_kl: Tensor | None = None
     # Running mean (over training so far) of the log-ratios r = logp - ref_logp of all responses, detached;
-    # a scalar tensor. BCO's reward shift is beta times this.
+    # a scalar tensor. BCO's reward shift is beta times this. Filled by the loss's running state
+    # (`prefopt.losses.state`), not by the scorer.
     running_logratio_mean: Tensor | None = None
 
     def replace(self, **changes: Tensor | None) -> PairLogps:

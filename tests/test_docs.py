@@ -82,7 +82,7 @@ def test_relative_markdown_links_point_to_files():
 def test_the_scans_catch_what_they_look_for(tmp_path):
     """The patterns themselves: each finds its target and leaves look-alikes alone."""
     assert OUTSIDE.search("see ../shared/STYLE.md") and OUTSIDE.search("(GOLD_TASK pitfall 3)")
-    assert OUTSIDE.search("shared/LOSSES.md") and not OUTSIDE.search("data.share_prompt, prompt-shared/x")
+    assert OUTSIDE.search("shared/LOSSES.md") and not OUTSIDE.search("model.scoring.share_prompt, prompt-shared/x")
     m = SECTION.search("docs/loss_pitfalls.md, 'Reference-free rewards are not DPO's rewards').")
     assert m and m.group(2) == "Reference-free rewards are not DPO's rewards"
     m = SECTION.search("(docs/gold_task.md, 'The same beta means different things\n# across losses').")

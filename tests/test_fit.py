@@ -39,7 +39,7 @@ def test_every_registered_loss_trains_end_to_end(name, micro_base):
     # The reference never trains and is not part of the checkpoint.
     assert all(not p.requires_grad for p in cli.model.reference.parameters())
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert all(k.startswith("policy.") or "logratio" in k for k in ckpt["state_dict"])
+    assert all(k.startswith(("policy.", "loss_state.")) for k in ckpt["state_dict"])
 
 
 def test_resumed_run_matches_uninterrupted_run(micro_base, tmp_path):
@@ -97,31 +97,36 @@ def test_bad_loss_config_fails_at_parse_time(override, message, micro_base, monk
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_cached_reference_logps_give_the_same_loss_as_a_live_reference(micro_base):
-    """The reference cache changes no number: same batch, same loss and metrics to 1e-6, and the same run."""
+def test_cached_reference_logps_give_the_same_loss_as_a_live_reference(micro_base, tmp_path):
+    """The reference cache changes no number: the scorer reads the table by example index and field name, and the
+    record, the loss and the metrics equal a live reference's to 1e-6."""
+    from prefopt.fast.reference_cache import load_or_compute
     from prefopt.train.data import PreferenceDataModule
     from prefopt.train.module import PreferenceModule
-    from prefopt.fast.reference_cache import load_or_compute
 
     module = PreferenceModule(model=_micro_model_path(micro_base), loss=LossConfig("dpo", beta=0.5, ld_alpha=0.5))
     module.configure_model()
     dm = PreferenceDataModule(dataset=_micro_data_path(micro_base), tokenizer=module.hparams.model, batch_size=4)
     dm.setup("fit")
-    table, path, was_cached = load_or_compute(module.reference, dm.train_examples, dm.collate_pairs)
-    assert not was_cached and path.is_file()
-    assert load_or_compute(module.reference, dm.train_examples, dm.collate_pairs)[2], "second call reads the file"
-    live = dm.collate_pairs(dm.train_examples[:4])
-    dm.set_reference_logps(table)
-    cached = dm.collate_pairs(dm.train_examples[:4])
-    assert "ref_logps" in cached and "ref_logps" not in live
-    loss_live = module.training_step(live, 0)["loss"]
-    loss_cached = module.training_step(cached, 0)["loss"]
-    assert abs(loss_live.item() - loss_cached.item()) < 1e-6
+    table, path, was_cached = load_or_compute(module.reference, dm.train_examples, dm.collate_pairs, tmp_path)
+    assert not was_cached and path.is_file() and set(table) == {"ref_chosen_logps", "ref_rejected_logps",
+                                                                 "ref_chosen_shared_logps", "ref_rejected_shared_logps"}
+    assert load_or_compute(module.reference, dm.train_examples, dm.collate_pairs, tmp_path)[2], "read from the file"
+    batch = dm.collate_pairs(dm.train_examples[5:9])  # not the first rows: the index must select them
+    assert batch["index"].tolist() == [5, 6, 7, 8] and module.scorer.live_reference
+    live = module.scorer.score(module.policy, module.reference, batch)
+    loss_live = module.training_step(batch, 0)["loss"]
+    module.scorer.use_reference_table(table)
+    assert not module.scorer.live_reference
+    cached = module.scorer.score(module.policy, None, batch)  # no reference model needed
+    for name in table:
+        torch.testing.assert_close(getattr(cached, name), getattr(live, name), rtol=0, atol=1e-5)
+    assert abs(module.training_step(batch, 0)["loss"].item() - loss_live.item()) < 1e-6
 
 
 def test_a_run_with_the_reference_cache_matches_one_without(micro_base):
-    _, with_cache = _fit("--model.reference_cache=true")
-    _, without = _fit("--model.reference_cache=false")
+    _, with_cache = _fit("--model.scoring.reference_cache=true")
+    _, without = _fit("--model.scoring.reference_cache=false")
     for key, value in without["final"].items():
         assert with_cache["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 

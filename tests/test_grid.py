@@ -193,8 +193,8 @@ def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
     out = capsys.readouterr().out
     assert "dpo_beta0.1_seed0" in out and "dpo_beta1_seed1" in out and "4 runs, 4 to run" in out
     assert not (tmp_path / "out").exists()
-    grid_cli.main(["--config", str(path), "--dry-run", "--no-check", "--set", "model.reference_cache=false"])
-    assert "--model.reference_cache=false" in capsys.readouterr().out  # --set adds a fixed override
+    grid_cli.main(["--config", str(path), "--dry-run", "--no-check", "--set", "model.scoring.reference_cache=false"])
+    assert "--model.scoring.reference_cache=false" in capsys.readouterr().out  # --set adds a fixed override
     bad = write_grid(tmp_path, {"set": {"trainer.max_stepz": 3}}, "bad.yaml")
     with pytest.raises(SystemExit):
         grid_cli.main(["--config", str(bad), "--dry-run"])

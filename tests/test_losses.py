@@ -8,7 +8,8 @@ independently of the implementation. The hand-worked record (3 pairs) is
 
 so r_w = [1, -1, 1], r_l = [0, 1, -2], h = r_w - r_l = [1, -2, 3], logp_w - logp_l = [1, -1, 5],
 avg(y_w) = [-2, -2, -3], avg(y_l) = [-1.25, -2.5, -4], per-token log-ratios r_w/|y_w| = [0.5, -1/3, 1] and
-r_l/|y_l| = [0, 0.5, -1]. The running mean of log-ratios is 0.5.
+r_l/|y_l| = [0, 0.5, -1]. The running mean of log-ratios is 0.5. The sequential KLs (TDPO) are D_w = [0.2, 0.5, 0.1]
+and D_l = [0.6, 0.3, 0.4], so D_l - D_w = [0.4, -0.2, 0.3].
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ R_L = [p - r for p, r in zip(PL, RL)]  # [0, 1, -2]
 H = [w - l for w, l in zip(R_W, R_L)]  # [1, -2, 3]
 AVG_W = [p / n for p, n in zip(PW, LW)]  # [-2, -2, -3]
 AVG_L = [p / n for p, n in zip(PL, LL)]  # [-1.25, -2.5, -4]
+D_W, D_L = [0.2, 0.5, 0.1], [0.6, 0.3, 0.4]
+D_GAP = [dl - dw for dw, dl in zip(D_W, D_L)]  # [0.4, -0.2, 0.3]
 H_AVG = [rw / nw - rl / nl for rw, rl, nw, nl in zip(R_W, R_L, LW, LL)]  # [0.5, -5/6, 2]
 MPO = {"terms": [{"name": "dpo", "weight": 0.8, "beta": 0.1}, {"name": "bco", "weight": 0.2, "beta": 0.1},
                  {"name": "sft", "weight": 1.0}]}
@@ -55,6 +58,7 @@ def hand_pairs(grad: bool = False) -> PairLogps:
         ref_chosen_logps=t(RW), ref_rejected_logps=t(RL),
         policy_chosen_shared_logps=t([-4.0, -4.0, -3.0]), policy_rejected_shared_logps=t([-2.0, -5.0, -5.0]),
         ref_chosen_shared_logps=t([-5.0, -3.5, -4.0]), ref_rejected_shared_logps=t([-3.0, -6.0, -2.0]),
+        chosen_seq_kl=t(D_W), rejected_seq_kl=t(D_L),
         running_logratio_mean=torch.tensor(0.5, dtype=torch.float64),
     )
 
@@ -116,6 +120,9 @@ HAND: dict[str, tuple[dict, list[float]]] = {
     # z0 = 0.5; rows: desirable 1 - sig(1 - 0.5); undesirable 2 (1 - sig(0.5 - (-1))); desirable again
     "kto": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(0.5), 2 * (1 - sig(1.5)), 1 - sig(0.5)]),
     "apo_zero_unpaired": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(1.0), 2 * sig(-1.0), 1 - sig(1.0)]),
+    # beta (h - (D_l - D_w)) = 0.5 * [0.6, -1.8, 2.7]; TDPO2 halves the KL gap (alpha = 0.5): 0.5 * [0.8, -1.9, 2.85]
+    "tdpo1": ({"beta": 0.5}, [L(0.5 * (h - d)) for h, d in zip(H, D_GAP)]),
+    "tdpo2": ({"beta": 0.5, "alpha": 0.5}, [L(0.5 * h - 0.5 * 0.5 * d) for h, d in zip(H, D_GAP)]),
 }
 
 
@@ -157,6 +164,7 @@ def init_pairs(grad: bool = False) -> PairLogps:
         ref_chosen_logps=t(pw), ref_rejected_logps=t(pl),
         policy_chosen_shared_logps=t(shared), policy_rejected_shared_logps=t(shared),
         ref_chosen_shared_logps=t(shared), ref_rejected_shared_logps=t(shared),
+        chosen_seq_kl=t([0.0] * 3), rejected_seq_kl=t([0.0] * 3),  # the policy is the reference: no KL
         running_logratio_mean=torch.tensor(0.0, dtype=torch.float64),
     )
 
@@ -204,6 +212,8 @@ INIT: dict[str, tuple[dict, Callable[[], list[float]]]] = {
     "composite": (MPO, lambda: [0.8 * LN2 + 0.2 * 2 * LN2 + a / 5.0 for a in LW0]),
     "kto": ({"desirable_weight": 1.0, "undesirable_weight": 1.5}, lambda: [0.5, 0.75, 0.5]),  # lambda / 2
     "apo_zero_unpaired": ({"undesirable_weight": 1.5}, lambda: [0.5, 0.75, 0.5]),
+    "tdpo1": ({}, _const(LN2)),  # h = 0 and both sequential KLs 0
+    "tdpo2": ({}, _const(LN2)),
 }
 
 

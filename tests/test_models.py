@@ -12,6 +12,7 @@ from micro_fixtures import micro_base, micro_model, micro_pairs, micro_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from prefopt.cli import main
+from prefopt.fast.scorer import ScoringOptions
 from prefopt.logps import forward_logits, token_logps
 from prefopt.train.models import check_model_path, load_causal_lm, load_tokenizer
 from prefopt.train.module import PreferenceModule
@@ -105,7 +106,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(micro_model, micro_pair
     batch = dm.collate_pairs(dm.train_examples[:4])
     grads = []
     for checkpointing in (False, True):
-        module = PreferenceModule(model=str(micro_model), gradient_checkpointing=checkpointing, reference_cache=False)
+        scoring = ScoringOptions(gradient_checkpointing=checkpointing, reference_cache=False)
+        module = PreferenceModule(model=str(micro_model), scoring=scoring)
         module.configure_model()
         assert any(getattr(m, "gradient_checkpointing", False) for m in module.policy.modules()) == checkpointing
         module.training_step(batch, 0)["loss"].backward()
@@ -224,7 +226,7 @@ def test_models_load_straight_onto_the_accelerator_where_the_strategy_keeps_whol
     cases = [(None, None), (SingleDeviceStrategy(device=torch.device("cpu")), None),
              (SingleDeviceStrategy(device=cuda), cuda), (FSDPStrategy(), None)]
     for strategy, expected in cases:
-        module = PreferenceModule(model=str(micro_model), reference_cache=False)
+        module = PreferenceModule(model=str(micro_model), scoring=ScoringOptions(reference_cache=False))
         module._trainer = None if strategy is None else SimpleNamespace(strategy=strategy)
         seen.clear()
         module.configure_model()

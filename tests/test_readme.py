@@ -40,7 +40,7 @@ PRINT_CONFIG = "python -m prefopt fit --config experiments/dpo.yaml --print_conf
 OWN_DATA = "python -m prefopt fit --config experiments/dpo.yaml --model.model=path/to/model "
 GRID_DRY_RUN = "python -m prefopt grid --config experiments/grids/default.yaml --dry-run"
 GRID = "python -m prefopt grid --config experiments/grids/default.yaml"
-GRID_OUT = f"{GRID} --workers 2 --set model.reference_cache=false --out "
+GRID_OUT = f"{GRID} --workers 2 --set model.scoring.reference_cache=false --out "
 REPORT = "python -m prefopt report results/default"
 RUN = {
     DEFAULT_JOB: "test_the_default_job_then_export_its_policy",

@@ -195,7 +195,7 @@ def micro_base_with_bar(micro_base):
     return micro_base
 
 
-@pytest.mark.parametrize("args", [["--data.share_prompt=true"], ["--data.share_prompt=false"],
+@pytest.mark.parametrize("args", [["--model.scoring.share_prompt=true"], ["--model.scoring.share_prompt=false"],
                                   ["--model.loss={name: kto}"]])
 def test_pairs_per_second_counts_pairs_in_every_layout(micro_base, args):
     """Prompt-shared rows (one per pair), two rows per pair, and unpaired rows (two per pair): the same count."""

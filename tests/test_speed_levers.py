@@ -17,10 +17,12 @@ from micro_fixtures import micro_base, micro_model, micro_pairs, poison_loss  # 
 from prefopt.train.batching import EpochSeededSampler, LengthGroupedSampler, padding_fraction
 from prefopt.cli import main
 from prefopt.train.data import PreferenceDataModule
-from prefopt.logps import completion_token_logps, forward_logits, label_logps_from_hidden, pair_logps, token_logps
+from prefopt.fast.head import completion_token_logps, label_logps_from_hidden
+from prefopt.logps import forward_logits, pair_logps, token_logps
 from prefopt.losses import LossConfig
 from prefopt.train.models import load_causal_lm
 from prefopt.train.module import PreferenceModule
+from prefopt.fast.scorer import ScoringOptions
 from prefopt.fast.prefix_sharing import collate_shared_pairs, shared_attention_mask, shared_token_logps, trim_last_layer
 
 RECORD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_chosen_shared_logps",
@@ -144,8 +146,8 @@ def test_prompt_sharing_under_flex_attention_gives_the_same_record(micro_model, 
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model.attn_implementation=flex_attention"], "flex_attention cannot train on the CPU"),
-    (["--model.attn_implementation=flash_attention_2", "--data.share_prompt=true"], "share_prompt needs .*not 'flash"),
+    (["--model.scoring.attn_implementation=flex_attention"], "flex_attention cannot train on the CPU"),
+    (["--model.scoring.attn_implementation=flash_attention_2", "--model.scoring.share_prompt=true"], "share_prompt needs .*not 'flash"),
 ])
 def test_attention_that_cannot_train_is_refused_before_loading(micro_base, monkeypatch, args, message):
     import prefopt.train.module
@@ -162,7 +164,7 @@ def test_unpaired_training_takes_any_attention_with_share_prompt_on(micro_base, 
 
     monkeypatch.setattr(prefopt.train.module, "load_causal_lm", lambda *a, **k: pytest.fail("loading"))
     with pytest.raises(pytest.fail.Exception, match="loading"):
-        main(["fit", "--model.attn_implementation=flash_attention_2", "--data.share_prompt=true",
+        main(["fit", "--model.scoring.attn_implementation=flash_attention_2", "--model.scoring.share_prompt=true",
               "--model.loss={name: kto}"])
 
 
@@ -245,7 +247,8 @@ def test_training_step_loss_is_the_same_with_every_lever(micro_model, micro_pair
     plain = PreferenceModule(model=str(micro_model), loss=loss, **options)
     plain.configure_model()
     torch.manual_seed(0)
-    fast = PreferenceModule(model=str(micro_model), loss=loss, logps_chunk_size=chunk, **options)
+    fast = PreferenceModule(model=str(micro_model), loss=loss, scoring=ScoringOptions(share_prompt=True, logps_chunk_size=chunk),
+                            **options)
     fast.configure_model()
     fast.policy.load_state_dict(plain.policy.state_dict())
     if lora:  # move the policy away from its reference, so that the reference view matters
@@ -308,10 +311,10 @@ def test_a_run_with_every_lever_matches_a_run_without(micro_base):
     layer change no number. (The allocator setting is process-wide: once on, it is on for both runs; it changes
     where memory comes from, never a value.)"""
     runs = []
-    every_lever = ["--data.share_prompt=true", "--model.logps_chunk_size=3", "--model.check_finite_every_n_steps=2",
-                   "--model.trim_last_layer=true", "--model.keep_freed_host_memory=true"]
+    every_lever = ["--model.scoring.share_prompt=true", "--model.scoring.logps_chunk_size=3", "--model.scoring.check_finite_every_n_steps=2",
+                   "--model.scoring.trim_last_layer=true", "--model.scoring.keep_freed_host_memory=true"]
     for args in ([], every_lever):
-        cli = main(["fit", "--data.share_prompt=false", "--model.reference_cache=false", *args])
+        cli = main(["fit", "--model.scoring.share_prompt=false", "--model.scoring.reference_cache=false", *args])
         runs.append(json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text()))
     for key, value in runs[0]["final"].items():
         assert runs[1]["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -340,12 +343,12 @@ def test_step_metrics_are_computed_on_exactly_the_steps_lightning_logs(micro_bas
 def test_finite_check_every_n_steps_names_the_step_range(micro_base, monkeypatch):
     poison_loss(monkeypatch, lambda call: call == 2)  # only step 1 is NaN
     with pytest.raises(FloatingPointError, match="within training steps 0-2"):
-        main(["fit", "--model.check_finite_every_n_steps=3"])
+        main(["fit", "--model.scoring.check_finite_every_n_steps=3"])
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_pairs):
-    """torch.compile (model.compile), with the trimmed last layer traced into it, changes no number beyond float
+    """torch.compile (model.scoring.compile), with the trimmed last layer traced into it, changes no number beyond float
     rounding, on a prompt-shared batch.
 
     SimPO (reference-free) so that only the policy compiles (~20 s on 2 cores; the reference is the same decoder).
@@ -354,8 +357,8 @@ def test_compiled_decoders_give_the_same_loss_and_gradients(micro_model, micro_p
     batch = dm.collate_shared_pairs(dm.train_examples[:4])
     losses, grads = [], []
     for compile in (False, True):
-        module = PreferenceModule(model=str(micro_model), loss=LossConfig("simpo"), compile=compile,
-                                  trim_last_layer=compile)  # compiled and trimmed against neither
+        scoring = ScoringOptions(share_prompt=True, compile=compile, trim_last_layer=compile)  # against neither
+        module = PreferenceModule(model=str(micro_model), loss=LossConfig("simpo"), scoring=scoring)
         module.configure_model()
         with torch.no_grad():  # move the policy off its reference so that the loss has a gradient to compare
             for p in module.policy.parameters():

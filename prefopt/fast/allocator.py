@@ -3,9 +3,8 @@
 glibc's malloc gives large freed blocks back to the OS: blocks above its mmap threshold are unmapped on free, and
 free space at the top of the heap beyond its trim threshold is released. Both thresholds adapt to the blocks it
 sees, but batches of varying shapes (length-grouped, prompt-shared rows) keep meeting new sizes. Every tensor
-placed in memory given back is then page-faulted in and zeroed by the kernel again. In the CPU benchmark's 20M run
-with a live reference, most of the first fifteen steps faulted in 6,000-47,000 pages (25-190 MB) each; those steps
-took up to 0.3 s longer (of 0.6-1.5 s). With this setting only the steps whose batch is the widest yet fault.
+placed in memory given back is then page-faulted in and zeroed by the kernel again, which slows the early steps
+(benchmarks/README.md has the fault counts); with this setting only the steps whose batch is the widest yet fault.
 
 `keep_freed_host_memory` fixes both thresholds: blocks up to 32 MB (glibc's largest mmap threshold) come from the
 heap, and the heap keeps up to 2 GB of free space at its top. What a run frees is then reused by the next step. The

@@ -27,8 +27,7 @@ one's length) and longer rows made attention dearer; `data.group_by_length` is w
 
 Needs an attention backend that takes a custom mask: "sdpa" or "eager" (a dense 4D mask), or "flex_attention" (a
 `BlockMask`, whose kernels skip the 128 x 128 tiles that are fully masked; the paper's choice). Not
-flash_attention_2. On one H100 with a Qwen2.5-0.5B-shaped model, flex_attention trained 1.3-2.0x faster than sdpa
-(benchmarks/README.md). On the CPU, flex_attention has no backward in torch: reference log-probs only.
+flash_attention_2 (benchmarks/README.md compares flex_attention with sdpa on a GPU). On the CPU, flex_attention has no backward in torch: reference log-probs only.
 
 Deviations from a plain forward, both within float rounding: attention over a masked longer row sums the same terms
 in a different order, and the rejected part's rotary phases are computed for the restarted positions.
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prefopt.logps import decoder_and_head, label_logps_from_hidden
+from prefopt.fast.head import decoder_and_head, label_logps_from_hidden
 
 
 def shared_row_length(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
@@ -179,15 +178,26 @@ def _trimmed_forward(self: nn.Module, hidden_states: Tensor, read_rows: Tensor |
     return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
 
 
+def _shared_inputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    dtype = next(model.parameters()).dtype
+    return {"input_ids": batch["input_ids"], "attention_mask": _mask_for(model, batch, dtype),
+            "position_ids": batch["position_ids"]}
+
+
+def _to_slots(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Values (n,) in pred_index order -> the standard (2B, L) per-token layout (row-major order of the slots)."""
+    label_mask = batch["completion_mask"][:, 1:].bool()  # (2B, L)
+    out = torch.zeros(label_mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(label_mask, values)
+
+
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
     """Per-token completion log-probs (2B, L) of a prompt-shared batch, aligned with batch["completion_mask"][:, 1:].
 
     `pair_logps(shared_token_logps(model, batch), batch["completion_mask"])` is then the usual record.
-    `chunk_size`: rows of the LM head computed at a time (`prefopt.logps.label_logps_from_hidden`).
+    `chunk_size`: rows of the LM head computed at a time (`prefopt.fast.head.label_logps_from_hidden`).
     """
-    dtype = next(model.parameters()).dtype
-    mask = _mask_for(model, batch, dtype)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    inputs = _shared_inputs(model, batch)
     parts = decoder_and_head(model)
     if parts is None:  # a model with extra logit processing: full logits, then pick the predicting positions
         logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]]  # (n, V)
@@ -199,6 +209,21 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden.flatten(0, 1)[batch["pred_index"]]  # (n, H)
         values = label_logps_from_hidden(picked, head.weight, batch["labels"], head.bias, chunk_size)  # (n,)
-    label_mask = batch["completion_mask"][:, 1:].bool()  # (2B, L)
-    out = torch.zeros(label_mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(label_mask, values)  # row-major order of the slots = the order of pred_index
+    return _to_slots(values, batch)
+
+
+def shared_token_distributions(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(per-token log-probs (2B, L) as `shared_token_logps`, next-token log-softmax (n, V) at the n completion slots
+    in their row-major order): the full distributions that a loss reading a per-token KL needs."""
+    inputs = _shared_inputs(model, batch)
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]]  # (n, V)
+    else:
+        decoder, head = parts
+        if _is_trimmed(decoder):
+            inputs["read_rows"] = batch["read_rows"]
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[batch["pred_index"]]
+        logits = head(hidden)
+    logprobs = torch.log_softmax(logits.float(), -1)  # (n, V)
+    return _to_slots(logprobs.gather(1, batch["labels"][:, None]).squeeze(1), batch), logprobs

@@ -1,8 +1,9 @@
 """Reference log-probs computed once per (reference weights, tokenized data) and reused from disk.
 
 The frozen reference gives the same log-probs for the same tokens in every run, so a grid of many losses, betas and
-training seeds over one pair set needs them once. The table holds, per training pair, the reference's summed
-completion log-probs of chosen and rejected and their sums over the shared prefix (LD-DPO): shape (N, 4), float64.
+training seeds over one pair set needs them once. The table holds, per training pair (in `train_examples` order), the reference's summed
+completion log-probs of chosen and rejected and their sums over the shared prefix (LD-DPO), each under the name of
+the record field it fills (`FIELDS`), (N,) float64: the scorer reads a batch's rows by its examples' `index`.
 
 The cache key is a hash of the reference's weights and of the tokenized examples (every id list, in order), so a
 changed model, tokenizer, truncation or pair set can never read a stale table. Files are written atomically, so a
@@ -29,8 +30,11 @@ from prefopt.logps import forward_logits, pair_logps, token_logps
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps")
+CACHE_VERSION = 2
+# record field filled from the table -> the field of a record scored with the reference in the policy's seat
+FIELDS = {"ref_chosen_logps": "policy_chosen_logps", "ref_rejected_logps": "policy_rejected_logps",
+          "ref_chosen_shared_logps": "policy_chosen_shared_logps",
+          "ref_rejected_shared_logps": "policy_rejected_shared_logps"}
 
 
 def default_cache_dir() -> Path:
@@ -61,17 +65,17 @@ def compute_reference_logps(
     examples: list[dict[str, Any]],
     collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
     batch_size: int = 64,
-) -> Tensor:
-    """Score every pair with the reference; returns (N, 4) in COLUMNS order."""
+) -> dict[str, Tensor]:
+    """Score every pair with the reference; returns {field: (N,) float64} for each of `FIELDS`."""
     device = next(reference.parameters()).device
-    rows = []
+    parts: dict[str, list[Tensor]] = {name: [] for name in FIELDS}
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
         tokens = token_logps(forward_logits(reference, batch), batch["input_ids"], batch["completion_mask"])
         lp = pair_logps(tokens, batch["completion_mask"])  # the reference in the policy's seat
-        rows.append(torch.stack([lp.policy_chosen_logps, lp.policy_rejected_logps,
-                                 lp.policy_chosen_shared_logps, lp.policy_rejected_shared_logps], 1))
-    return torch.cat(rows).double().cpu()
+        for name, seat in FIELDS.items():
+            parts[name].append(getattr(lp, seat))
+    return {name: torch.cat(values).double().cpu() for name, values in parts.items()}
 
 
 def load_or_compute(
@@ -81,8 +85,8 @@ def load_or_compute(
     cache_dir: Path | None = None,
     batch_size: int = 64,
     tag: str = "",
-) -> tuple[Tensor, Path, bool]:
-    """The (N, 4) table from the cache if present, else computed and stored. Returns (table, path, was_cached).
+) -> tuple[dict[str, Tensor], Path, bool]:
+    """The table ({field: (N,)}) from the cache if present, else computed and stored. Returns (table, path, was_cached).
 
     `tag` joins the key: anything besides weights and data that changes the numbers (the precision, e.g. autocast).
     """
@@ -91,7 +95,9 @@ def load_or_compute(
     path = (cache_dir or default_cache_dir()) / f"{key}.pt"
     if path.is_file():
         table = torch.load(path, weights_only=True)
-        if table.shape == (len(examples), len(COLUMNS)):
+        if isinstance(table, dict) and set(table) == set(FIELDS) and all(
+            v.shape == (len(examples),) for v in table.values()
+        ):
             log.info("reference log-probs read from %s", path)
             return table, path, True
         log.warning("ignoring malformed reference cache entry %s", path)

@@ -5,7 +5,7 @@ The catalog, generated from the registry, is docs/losses.md (`python -m prefopt.
 """
 
 # Importing the loss modules registers their losses.
-from prefopt.losses import composite, paired, per_response, reference_free, unpaired  # noqa: F401
+from prefopt.losses import composite, paired, per_response, reference_free, token_level, unpaired  # noqa: F401
 from prefopt.losses.registry import LOSSES, LossConfig, LossSpec, loss_names, register
 
 __all__ = ["LOSSES", "LossConfig", "LossSpec", "loss_names", "register"]

@@ -4,8 +4,9 @@
 {name: sft, weight: 1.0}]}`. Each term is a full loss config plus a `weight` (default 1), validated when the
 composite is built (an unknown name or a bad value fails at config-parse time, naming the term), and run through
 `LossConfig`, so each term's own generic options (ld_alpha, wpo) apply to that term only. Its metadata follows
-its terms: it needs a reference if any term does, it is paired or unpaired as its terms are (all alike), and its
-reward scale for the shared metrics is that of its first term.
+its terms: it needs a reference if any term does, it is paired or unpaired as its terms are (all alike), it reads
+the fields and keeps the state that its terms do, and its reward scale for the shared metrics is that of its first
+term.
 """
 
 from __future__ import annotations
@@ -92,3 +93,5 @@ composite.check_params = _check_params  # type: ignore[attr-defined]
 composite.needs_reference = lambda params: any(c.needs_reference for c in _configs(params))  # type: ignore
 composite.paired = lambda params: _configs(params)[0].paired  # type: ignore[attr-defined]
 composite.reward_scale = lambda params: _configs(params)[0].reward_scale  # type: ignore[attr-defined]
+composite.reads = lambda params: frozenset().union(*(c.reads for c in _configs(params)))  # type: ignore
+composite.state = lambda params: tuple(s for c in _configs(params) for s in c.state)  # type: ignore

@@ -81,6 +81,8 @@ def _section(spec: LossSpec) -> list[str]:
         ("reward", spec.reward),
         ("reward scale", _scale(spec)),
         ("generic options", ", ".join(f"`{h.name}`" for h in spec.options) or "none"),
+        ("reads besides the log-prob sums and lengths", ", ".join(f"`{f}`" for f in sorted(spec.reads)) or "nothing"),
+        ("running state", ", ".join(f"`{getattr(f, '__qualname__', f)}`" for f in spec.state) or "none"),
     ]
     lines += [f"- **{k}**: {v}" for k, v in facts] + [""]
     lines += _hyper_rows(spec.hyperparameters) if spec.hyperparameters else ["No hyperparameters of its own."]

@@ -53,6 +53,14 @@ def check_pair_options(fn: Callable[..., Tensor], params: dict[str, Any], where:
         raise ValueError(f"{where}: wpo weights pairs, but this loss sorts the batch, so its rows are not pairs")
 
 
+def option_reads(params: dict[str, Any], with_reference: bool) -> frozenset[str]:
+    """The record fields the options read beyond the loss's own: LD-DPO (ld_alpha < 1) the shared-prefix sums."""
+    if params.get("ld_alpha", 1.0) == 1.0:
+        return frozenset()
+    policy = {"policy_chosen_shared_logps", "policy_rejected_shared_logps"}
+    return frozenset(policy | ({"ref_chosen_shared_logps", "ref_rejected_shared_logps"} if with_reference else set()))
+
+
 def ld_logps(lp: PairLogps, ld_alpha: float) -> PairLogps:
     """LD-DPO: the record with the longer response's excess tokens weighted by `ld_alpha`, policy and reference."""
     if ld_alpha == 1.0:

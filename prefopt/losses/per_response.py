@@ -14,6 +14,7 @@ from torch import Tensor
 
 from prefopt.losses.registry import register
 from prefopt.losses.schema import Positive
+from prefopt.losses.state import RunningLogratioMean
 from prefopt.records import PairLogps
 
 
@@ -41,12 +42,14 @@ def nca(lp: PairLogps, *, beta: Positive = 0.1) -> Tensor:
     formula="L(beta r_w - delta) + L(-(beta r_l - delta)), delta = beta * running mean of r (detached)",
     needs_reference=True,
     reward="beta * (logp - ref_logp); the classifier's logit is this reward minus delta",
+    reads=("running_logratio_mean",),
+    state=(RunningLogratioMean,),
 )
 def bco(lp: PairLogps, *, beta: Positive = 0.1, reward_shift: bool = True) -> Tensor:
     """Binary Classifier Optimization: a logistic classifier with logit beta r - delta, chosen = 1, rejected = 0.
 
     delta, the paper's reward shift, is the running mean of the rewards beta r of all responses seen so far
-    (the module keeps the running mean of r: lp.running_logratio_mean), detached. reward_shift=false sets
+    (its declared state, `RunningLogratioMean`, keeps the mean of r over all ranks: lp.running_logratio_mean), detached. reward_shift=false sets
     delta = 0. (The paper's underlying-distribution-matching importance weights need an extra classifier on
     prompt embeddings and are not implemented.)
     """

@@ -14,7 +14,13 @@ Generic options (`prefopt.losses.options`: LD-DPO's `ld_alpha`, WPO's `wpo`) are
 paired loss registered with `options=True` (the default); `LossConfig.__call__` applies them around the loss
 function, so no loss re-implements them. A loss function may carry hooks that `LossConfig` asks:
 `fn.check_params(params, where)` (cross-field checks, nested configs), and `fn.needs_reference(params)`,
-`fn.paired(params)`, `fn.reward_scale(params)` where the metadata depends on the hyperparameters (composite).
+`fn.paired(params)`, `fn.reward_scale(params)`, `fn.reads(params)`, `fn.state(params)` where the metadata depends
+on the hyperparameters (composite).
+
+A loss declares what it reads: the record fields (`LossConfig.reads`: the policy's sums and lengths, the reference's
+sums when it needs a reference, and any field named in `reads=`, such as TDPO's sequential KL), and the running
+state it keeps (`state=`, `prefopt.losses.state`: BCO's running mean, KTO's global-batch reference point). The
+scorer refuses, when the config is parsed, a loss that reads a field its settings cannot produce.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ from typing import Any
 
 from torch import Tensor
 
-from prefopt.losses.options import PAIR_OPTIONS, apply_pair_options, check_pair_options
+from prefopt.losses.options import PAIR_OPTIONS, apply_pair_options, check_pair_options, option_reads
 from prefopt.losses.schema import Hyperparameter, hyperparameters
+from prefopt.losses.state import StateFactory
 from prefopt.records import PairLogps, UnpairedLogps
+
+# The fields every loss of a kind reads, and those it reads when it needs a reference.
+BASE_FIELDS = {True: frozenset({"policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths"}),
+               False: frozenset({"policy_logps", "lengths", "desirable"})}
+REFERENCE_FIELDS = {True: frozenset({"ref_chosen_logps", "ref_rejected_logps"}), False: frozenset({"ref_logps"})}
+RECORD_FIELDS = {True: frozenset(PairLogps.__dataclass_fields__), False: frozenset(UnpairedLogps.__dataclass_fields__)}
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class LossSpec:
     aliases: tuple[str, ...] = ()
     # The generic options (prefopt.losses.options) this loss accepts on top of its own hyperparameters.
     options: tuple[Hyperparameter, ...] = ()
+    reads: frozenset[str] = frozenset()  # record fields read beyond BASE_FIELDS (and REFERENCE_FIELDS)
+    state: tuple[StateFactory, ...] = ()  # running state kept across batches or ranks (prefopt.losses.state)
 
     @property
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
@@ -77,10 +92,14 @@ def register(
     reward_scale: str | None = "beta",
     aliases: tuple[str, ...] = (),
     options: bool = True,
+    reads: tuple[str, ...] = (),
+    state: tuple[StateFactory, ...] = (),
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register `fn` under `name` (and each alias); the function itself is returned unchanged.
 
-    `options=True` gives a paired loss the generic options of `prefopt.losses.options` (LD-DPO, WPO).
+    `options=True` gives a paired loss the generic options of `prefopt.losses.options` (LD-DPO, WPO). `reads`: the
+    record fields it reads beyond the policy's sums and lengths and (with `needs_reference`) the reference's sums;
+    `state`: factories of the running state it keeps (`prefopt.losses.state`).
     """
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -91,9 +110,12 @@ def register(
             raise TypeError(f"loss {name!r}: hyperparameters {sorted(clash)} clash with the generic options")
         if reward_scale is not None and reward_scale not in {h.name for h in own}:
             raise TypeError(f"loss {name!r}: reward_scale {reward_scale!r} is not one of its hyperparameters")
+        unknown = set(reads) - RECORD_FIELDS[paired]
+        if unknown:
+            raise TypeError(f"loss {name!r} reads {sorted(unknown)}, which are not fields of its record")
         spec = LossSpec(
             name, fn, paper, formula, needs_reference, paired, aggregation, reward,
-            own, reward_scale, aliases, extra,
+            own, reward_scale, aliases, extra, frozenset(reads), tuple(state),
         )
         for key in (name, *aliases):
             if key in LOSSES:
@@ -170,6 +192,25 @@ class LossConfig:
     def paired(self) -> bool:
         hook = getattr(self.spec.fn, "paired", None)
         return bool(hook(self.params)) if hook is not None else self.spec.paired
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """The record fields this loss reads, with these hyperparameters (the scorer must produce them, or a state)."""
+        hook = getattr(self.spec.fn, "reads", None)
+        if hook is not None:
+            return frozenset(hook(self.params))
+        fields = BASE_FIELDS[self.paired] | self.spec.reads
+        if self.needs_reference:
+            fields |= REFERENCE_FIELDS[self.paired]
+        if self.spec.options:
+            fields |= option_reads(self.params, self.needs_reference)
+        return fields
+
+    @property
+    def state(self) -> tuple[StateFactory, ...]:
+        """Factories of the running state this loss keeps (`prefopt.losses.state`), each once."""
+        hook = getattr(self.spec.fn, "state", None)
+        return tuple(dict.fromkeys(hook(self.params) if hook is not None else self.spec.state))
 
     @property
     def reward_scale(self) -> float:

@@ -13,7 +13,10 @@ from torch import Tensor
 
 from prefopt.losses.registry import register
 from prefopt.losses.schema import NonNegative, Positive
+from prefopt.losses.state import global_batch
 from prefopt.records import UnpairedLogps
+
+GLOBAL_KL_ROWS = global_batch("policy_kl_logps", "ref_kl_logps")  # z0 is a mean over the global batch
 
 
 def kto_reference_point(lp: UnpairedLogps) -> Tensor:
@@ -30,6 +33,8 @@ def kto_reference_point(lp: UnpairedLogps) -> Tensor:
     "z0 = max(0, mean r over mismatched rows), no gradient",
     needs_reference=True,
     paired=False,
+    reads=("policy_kl_logps", "ref_kl_logps"),
+    state=(GLOBAL_KL_ROWS,),
 )
 def kto(
     lp: UnpairedLogps,
@@ -41,8 +46,8 @@ def kto(
     """Kahneman-Tversky Optimization: a prospect-theoretic value of each row's reward relative to z0.
 
     z0 estimates KL(pi || pi_ref) from the batch's mismatched pairs (it needs a batch larger than 1), clamped
-    at 0 and detached, as in the paper and TRL. Deviation: TRL averages z0 over all processes; here it is the
-    mean over the (micro-)batch's rows. The paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+    at 0 and detached, as in the paper and TRL; like TRL, the mean is over every process's rows (its declared
+    state gathers the mismatched rows' log-probs over the ranks). The paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3].
     """
     z0 = kto_reference_point(lp)
     r = lp.logratios()  # (B,)

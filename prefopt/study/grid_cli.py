@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", metavar="PATTERN", help="only the runs whose names match these shell patterns "
                         "(comma-separated), e.g. 'dpo_beta0.5_*,kto_*_seed0'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a fixed override added to the grid's `set` (YAML value), e.g. model.reference_cache=false")
+                        help="a fixed override added to the grid's `set` (YAML value), e.g. model.scoring.reference_cache=false")
     args = parser.parse_args(argv)
     try:
         grid = with_overrides(load_grid(args.config), args.set)

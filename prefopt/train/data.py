@@ -66,10 +66,11 @@ def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _with_reference_logps(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Add the pairs' cached reference log-probs (`set_reference_logps`) to a paired batch, when they have them."""
-    if all("ref_logps" in e for e in examples):
-        batch["ref_logps"] = torch.stack([e["ref_logps"] for e in examples])  # (B, 4) float64
+def _with_index(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Add the training pairs' positions in `train_examples` (`index`, (B,)): what per-example tables (the scorer's
+    reference cache) are read by."""
+    if examples and "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     return batch
 
 
@@ -221,6 +222,8 @@ class PreferenceDataModule(L.LightningDataModule):
         train_out, val_out = self._truncate(train, train_name, "train"), self._truncate(val, val_name, "val")
         if layout.paired:
             self.train_examples, self.val_examples = train_out, val_out
+            for i, example in enumerate(self.train_examples):
+                example["index"] = i
         else:
             self.train_rows, self.val_examples = train_out, self._regroup_pairs(val_out, val_name)
         if not train_out:
@@ -293,22 +296,12 @@ class PreferenceDataModule(L.LightningDataModule):
         log.info("%s: %d validation pairs regrouped from %d unpaired rows", name, len(pairs), len(rows))
         return pairs
 
-    def set_reference_logps(self, table: Tensor | None) -> None:
-        """Attach cached reference log-probs (N, 4) to the training pairs; batches then carry `ref_logps`."""
-        if table is not None and table.shape[0] != len(self.train_examples):
-            raise ValueError(f"reference table has {table.shape[0]} rows for {len(self.train_examples)} pairs")
-        for i, example in enumerate(self.train_examples):
-            if table is None:
-                example.pop("ref_logps", None)
-            else:
-                example["ref_logps"] = table[i]
-
     # ---------------------------------------------------------------- batching
     def collate_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         batch = collate_rows(prompts + prompts, completions, self.tokenizer.pad_token_id)
-        return _with_reference_logps(batch, examples)
+        return _with_index(batch, examples)
 
     def collate_shared_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/fast/prefix_sharing.py."""
@@ -316,7 +309,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
                                      [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)
-        return _with_reference_logps(batch, examples)
+        return _with_index(batch, examples)
 
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [r["prompt_ids"] for r in rows]

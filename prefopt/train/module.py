@@ -1,9 +1,9 @@
 """The LightningModule: a trainable policy, a frozen reference, and one registered loss.
 
-Each training step runs one concatenated forward of the 2B rows per model (policy always; reference only when the
-loss's metadata says it needs one; with `data.share_prompt`, one forward of B rows prompt + chosen + rejected,
-`prefopt.fast.prefix_sharing`), turns the per-token log-probs into one record (`prefopt.logps`), and hands the
-record to the loss. The module asks the loss's metadata (`needs_reference`, `paired`) and never its name.
+A training step reads as score -> loss -> log: the scorer (`prefopt.fast.scorer`, configured by `model.scoring`)
+turns the batch into the record the loss reads, the loss's declared running state (`prefopt.losses.state`) updates
+it, and the loss maps it to per-example losses. The module asks the loss's metadata (`paired`, `reads`, `state`) and
+never its name, and never looks inside a batch.
 
 The reference is frozen (eval mode, no gradients, not in the optimizer) and is not a registered submodule, so it is
 neither in the optimizer nor in checkpoints: it is reloaded from its source, which is what a resumed run needs. For
@@ -17,6 +17,7 @@ Checkpoints then hold the trainable adapter weights only; the base is reloaded f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Literal
@@ -28,16 +29,19 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
-from prefopt.logps import (
-    completion_token_logps, decoder_and_head, forward_logits, pair_logps, token_kl, token_logps, unpaired_logps,
-)
 from prefopt.fast.allocator import keep_freed_host_memory
-from prefopt.fast.prefix_sharing import MASK_BACKENDS, shared_token_logps, trim_last_layer
+from prefopt.fast.prefix_sharing import MASK_BACKENDS
+from prefopt.fast.reference_cache import load_or_compute
+from prefopt.fast.scorer import Scorer, ScoringOptions
 from prefopt.losses import LossConfig
+from prefopt.losses.state import SingleProcess
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
+from prefopt.records import PairLogps
 from prefopt.train.lora import LoraOptions, attach_lora, trainable_keys
 from prefopt.train.models import BUILTIN, enable_gradient_checkpointing, freeze, load_causal_lm
-from prefopt.fast.reference_cache import load_or_compute
+
+
+LEGACY_BUFFERS = {"logratio_sum": "total", "logratio_count": "count"}  # old module buffer -> loss-state buffer
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -62,15 +66,8 @@ class PreferenceModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        attn_implementation: str | None = None,
-        reference_cache: bool = True,
-        gradient_checkpointing: bool = False,
         lora: LoraOptions | None = None,
-        logps_chunk_size: int | None = None,
-        check_finite_every_n_steps: int = 1,
-        compile: bool = False,
-        trim_last_layer: bool = False,
-        keep_freed_host_memory: bool = False,
+        scoring: ScoringOptions = ScoringOptions(),
     ) -> None:
         """
         Args:
@@ -81,54 +78,31 @@ class PreferenceModule(L.LightningModule):
             warmup_steps: linear learning-rate warmup from 0, in optimizer steps.
             lr_schedule: after warmup: constant, linear decay to 0, or cosine decay to 0 at the last step.
             dtype: parameter dtype of policy and reference.
-            attn_implementation: transformers attention backend ("sdpa", "eager", "flex_attention", ...); None: its
-                default. With prompt sharing on a GPU, "flex_attention" skips the masked tiles (benchmarks/README.md).
-            reference_cache: compute the reference's log-probs of the training pairs once, store them on disk keyed
-                by the reference weights and the tokenized data, and reuse them (every run of a grid shares them).
-                Paired losses only; false: a live reference forward every step.
-            gradient_checkpointing: recompute the policy's activations in the backward pass (less memory, ~25% more
-                time per step).
             lora: train LoRA adapters only (needs peft), e.g. `{r: 16, alpha: 32}`; `{adapter: DIR}` continues a
                 trained adapter, which is then also the reference. null: train every weight.
-            logps_chunk_size: training log-probs run the LM head on completion positions only, this many at a time,
-                recomputing each chunk's logits in the backward (never more than chunk x vocabulary logits: for
-                large vocabularies). null: full logits of every row, one piece (prompt-shared batches: one piece
-                over the completion positions).
-            check_finite_every_n_steps: stop on a non-finite training loss, checked every N training steps (the
-                check waits for the device: N > 1 keeps it off most GPU steps; the error then names the step
-                range). 0: never.
-            compile: `torch.compile` the decoder stacks of policy and reference (dynamic shapes): fuses the
-                element-wise work between matmuls. Pays on CPU from ~1M parameters once a run has more than a few
-                dozen steps (compiling takes ~15-60 s); needs a C++ compiler. Not yet for GPU runs: a first try on a
-                0.5B model had not finished its warm-up after 500 s (benchmarks/README.md).
-            trim_last_layer: with prompt-shared batches, the last decoder layer runs its MLP only at the positions
-                whose log-probs are read, not at the prompt or padding (Llama-structured layers; others unchanged;
-                `prefopt.fast.prefix_sharing.trim_last_layer`).
-            keep_freed_host_memory: host memory freed during training stays in the process for the next step
-                instead of going back to the OS and being page-faulted in again (glibc's malloc thresholds, set
-                for the whole process when the models are configured; `prefopt.fast.allocator`). Pays on CPU runs with
-                batches of varying shapes; the process then does not shrink after its peak.
+            scoring: the speed and memory switches (prompt sharing, reference cache, chunked head, trimmed layer,
+                compile, attention backend, gradient checkpointing, host memory, finite-loss checks): how a batch
+                becomes a record, never what the record holds (`prefopt.fast.scorer.ScoringOptions`).
         """
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if check_finite_every_n_steps < 0 or (logps_chunk_size is not None and logps_chunk_size < 1):
-            raise ValueError("check_finite_every_n_steps must be >= 0 and logps_chunk_size >= 1 (or null)")
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
         self._unchecked_steps = 0
         self.loss = loss
+        self.scorer = Scorer(scoring, loss)  # refuses a loss that reads what these settings cannot produce
         self.optimizer_factory = optimizer
         # hparams.yaml and TensorBoard's HPARAMS view tell runs apart by the loss and the optimizer: saved as plain
         # values (save_hyperparameters reads the arguments' current values, so these names are rebound first).
-        loss, optimizer = loss.to_dict(), describe_optimizer(optimizer)  # noqa: F841
+        loss, optimizer, scoring = loss.to_dict(), describe_optimizer(optimizer), dataclasses.asdict(scoring)  # noqa: F841
         self.save_hyperparameters()
         self.lora = lora
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapter only (see on_load_checkpoint)
         self.policy: PreTrainedModel | None = None
         self._reference: list[PreTrainedModel] = []  # a list, so that nn.Module does not register it
-        # Running mean of all training log-ratios (BCO's reward shift); buffers, so a resumed run restores them.
-        self.register_buffer("logratio_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("logratio_count", torch.zeros((), dtype=torch.float64))
+        # The running state the loss declares (BCO's mean log-ratio, KTO's global batch): buffers, so a resumed run
+        # restores them.
+        self.loss_state = torch.nn.ModuleList([factory() for factory in self.loss.state])
         self.train_metrics = MeanMetrics(("loss", *PAIR_METRICS))
         self.val_metrics = MeanMetrics(("loss", "kl_per_token", *PAIR_METRICS))
 
@@ -136,13 +110,14 @@ class PreferenceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        options = self.scorer.options
         self._check_attention()
-        if self.hparams.keep_freed_host_memory:
+        if options.keep_freed_host_memory:
             keep_freed_host_memory()
-        kwargs = {"dtype": self.hparams.dtype, "attn_implementation": self.hparams.attn_implementation,
+        kwargs = {"dtype": self.hparams.dtype, "attn_implementation": options.attn_implementation,
                   "device": self._load_device()}
         policy = load_causal_lm(self.hparams.model, **kwargs)
-        if self.hparams.gradient_checkpointing:
+        if options.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
         if self.lora is None:
             self.policy = policy.train()
@@ -151,32 +126,24 @@ class PreferenceModule(L.LightningModule):
             self.policy, reference = attach_lora(policy, self.lora)
             self.policy.train()
             self._reference = [reference]
-        if self.hparams.trim_last_layer:  # before compiling, which then traces the trimmed layer
-            for model in (self.policy, self._reference[0]):
-                trim_last_layer(model)
-        if self.hparams.compile:  # in place: the decoder stacks (a LoRA reference view shares the policy's)
-            for model in (self.policy, self._reference[0]):
-                if isinstance(model, torch.nn.Module):
-                    parts = decoder_and_head(model)
-                    (model if parts is None else parts[0]).compile(dynamic=True)
+        self.scorer.prepare(self.policy, self._reference[0])
 
     def _check_attention(self) -> None:
         """Attention settings that would fail only at the first step, refused before any model is loaded."""
-        attn, trainer = self.hparams.attn_implementation, self._trainer
-        shared = getattr(getattr(trainer, "datamodule", None), "shares_prompts", False)
-        if attn not in (None, *MASK_BACKENDS) and shared:
-            raise ValueError(f"data.share_prompt needs model.attn_implementation {' / '.join(MASK_BACKENDS)} (a "
-                             f"custom attention mask), not {attn!r}; or set data.share_prompt: false")
+        attn, trainer = self.scorer.options.attn_implementation, self._trainer
+        if attn not in (None, *MASK_BACKENDS) and self.scorer.shares_prompt:
+            raise ValueError(f"model.scoring.share_prompt needs model.scoring.attn_implementation "
+                             f"{' / '.join(MASK_BACKENDS)} (a custom attention mask), not {attn!r}; or set "
+                             "model.scoring.share_prompt: false")
         if attn == "flex_attention" and trainer is not None:
             if trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cpu":
-                raise ValueError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
-                                 "flex_attention backward there): use sdpa, or a GPU")
+                raise ValueError("model.scoring.attn_implementation=flex_attention cannot train on the CPU (torch has "
+                                 "no flex_attention backward there): use sdpa, or a GPU")
 
     def _load_device(self) -> torch.device | None:
         """The accelerator to load both models onto directly, where the strategy keeps whole models (one device,
-        DDP); None (the CPU, then moved by Lightning) otherwise. Loaded on the host, both fp32 copies would sit
-        there first (4 GB for two 0.5B models); loaded directly, a 0.5B GPU run held 1.3 GB of host memory when
-        training started (benchmarks/README.md)."""
+        DDP); None (the CPU, then moved by Lightning) otherwise: loaded on the host, both full copies would sit
+        there first (benchmarks/README.md, host memory)."""
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
         strategy = getattr(self._trainer, "strategy", None)
@@ -190,6 +157,12 @@ class PreferenceModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state_dict = checkpoint["state_dict"]
+        for old, new in LEGACY_BUFFERS.items():  # checkpoints from before the loss-state modules
+            value = state_dict.pop(old, None)
+            for i, state in enumerate(self.loss_state):
+                if value is not None and hasattr(state, new):
+                    state_dict[f"loss_state.{i}.{new}"] = value
         if self.lora is not None and self.policy is not None:  # loading is not strict: check the adapter is there
             missing = sorted(trainable_keys(self) - set(checkpoint["state_dict"]))
             if missing:
@@ -205,11 +178,10 @@ class PreferenceModule(L.LightningModule):
         return ref
 
     def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if not (self.hparams.reference_cache and self.loss.needs_reference and self.loss.paired):
-            datamodule.set_reference_logps(None)
+        self.scorer.use_reference_table(None)
+        if not self.scorer.caches_reference:
             return
-        precision = str(self.trainer.precision)
+        datamodule, precision = self.trainer.datamodule, str(self.trainer.precision)
 
         def compute():  # in the run's precision context (autocast under *-mixed), one training batch at a time
             with self.trainer.precision_plugin.forward_context():
@@ -219,71 +191,38 @@ class PreferenceModule(L.LightningModule):
         # Rank 0 computes (or reads) and writes the cache entry; the other ranks wait, then read it.
         table = compute()[0] if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("reference_cache")
-        datamodule.set_reference_logps(compute()[0] if table is None else table)
+        self.scorer.use_reference_table(compute()[0] if table is None else table)
 
     def on_train_end(self) -> None:
         """Free the gradients and the optimizer state once training is over (a `save_last` checkpoint is written
-        before this hook). Lightning's teardown then copies the module and the optimizers' state to the host: on a
-        GPU run of a 0.5B model that copy made the process's host memory jump from 2.2 to 9.7 GB at the very end
-        (benchmarks/README.md). A checkpoint saved by hand after `fit` therefore holds no optimizer state."""
+        before this hook): Lightning's teardown then copies the module and the optimizers' state to the host, the
+        largest host-memory peak of a GPU run (benchmarks/README.md). A checkpoint saved by hand after `fit` therefore
+        holds no optimizer state."""
         self.policy.zero_grad(set_to_none=True)
         for optimizer in self.trainer.optimizers:
             optimizer.state.clear()
 
     # ---------------------------------------------------------------- steps
-    def _token_logps(self, batch: dict[str, Tensor], with_reference: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-token completion log-probs of policy and (optionally) reference, aligned with completion_mask[:, 1:]."""
-        chunk = self.hparams.logps_chunk_size
-
-        def compute(model) -> Tensor:
-            if "pred_index" in batch:  # prompt-shared layout (data.share_prompt)
-                return shared_token_logps(model, batch, chunk)
-            if chunk is not None:
-                return completion_token_logps(model, batch, chunk)
-            return token_logps(forward_logits(model, batch), batch["input_ids"], batch["completion_mask"])
-
-        policy = compute(self.policy)
-        if not with_reference:
-            return policy, None
-        with torch.no_grad():
-            return policy, compute(self.reference)
-
-    @property
-    def _distributed(self) -> bool:
-        return self._trainer is not None and self._trainer.world_size > 1
-
-    def _running_logratio_mean(self) -> Tensor:
-        return (self.logratio_sum / self.logratio_count.clamp(min=1)).float()
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        cached = batch.get("ref_logps")  # (B, 4) reference sums from the cache, when enabled
-        policy, ref = self._token_logps(batch, with_reference=self.loss.needs_reference and cached is None)
-        if self.loss.paired:
-            lp = pair_logps(policy, batch["completion_mask"], ref, ref_sums=cached)
-            if lp.has_reference:  # running mean of every chosen and rejected log-ratio so far (BCO's shift)
-                logratios = torch.cat([lp.chosen_logratios(), lp.rejected_logratios()]).detach()
-                total = torch.stack([logratios.sum().double(), logratios.new_tensor(logratios.numel()).double()])
-                if self._distributed:  # the same running mean on every rank
-                    total = self.trainer.strategy.reduce(total, reduce_op="sum")
-                self.logratio_sum += total[0]
-                self.logratio_count += total[1]
-                lp = lp.replace(running_logratio_mean=self._running_logratio_mean())
-            # Step metrics are only written on logging steps (trainer.log_every_n_steps): computed only there.
-            values = pair_metrics(lp, self.loss.reward_scale) if self._logs_this_step() else {}
-        else:
-            lp = unpaired_logps(policy, batch["completion_mask"], batch["desirable"], ref)
-            if self._distributed and lp.ref_kl_logps is not None:
-                # KTO's reference point z0 is a batch mean of the mismatched rows' log-ratios: take it over the
-                # global batch (all ranks' rows). It is detached in the loss, so gathering without gradient is exact.
-                gather = lambda x: self.all_gather(x.detach()).reshape(-1)  # noqa: E731
-                lp = lp.replace(policy_kl_logps=gather(lp.policy_kl_logps), ref_kl_logps=gather(lp.ref_kl_logps))
-            values = {}
-        loss = self.loss(lp).mean()
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | float]:
+        record = self.scorer.score(self.policy, self.reference if self.scorer.live_reference else None, batch)
+        collective = self._collective()
+        for state in self.loss_state:
+            record = state.update(record, collective)
+        loss = self.loss(record).mean()
         self._check_finite(loss.detach())
+        # Step metrics are only written on logging steps (trainer.log_every_n_steps): computed only there.
+        paired = isinstance(record, PairLogps)
+        values = pair_metrics(record, self.loss.reward_scale) if paired and self._logs_this_step() else {}
         values["loss"] = loss.detach()
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
-        return {"loss": loss, "pairs": lp.num_pairs}
+        return {"loss": loss, "pairs": record.num_pairs}
+
+    def _collective(self):
+        """Cross-rank sums and gathers for the loss's running state (the identity in a single process)."""
+        if self._trainer is None or self._trainer.world_size == 1:
+            return SingleProcess()
+        return _StrategyCollective(self)
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this training step's metrics to the loggers (always, outside a Trainer).
@@ -300,7 +239,7 @@ class PreferenceModule(L.LightningModule):
 
     def _check_finite(self, loss: Tensor) -> None:
         """Raise on a non-finite loss; the host waits for the device only every `check_finite_every_n_steps`."""
-        every = self.hparams.check_finite_every_n_steps
+        every = self.scorer.options.check_finite_every_n_steps
         if every == 0:
             return
         bad = ~torch.isfinite(loss)
@@ -335,17 +274,14 @@ class PreferenceModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         """Validation batches are always pairs: the same metrics for every loss, reference-free ones included."""
-        ids, mask = batch["input_ids"], batch["completion_mask"]
-        policy_logits = forward_logits(self.policy, batch)
-        ref_logits = forward_logits(self.reference, batch)
-        lp = pair_logps(token_logps(policy_logits, ids, mask), mask, token_logps(ref_logits, ids, mask),
-                        self._running_logratio_mean())
-        values = pair_metrics(lp, self.loss.reward_scale)
+        record, kl_sum, tokens = self.scorer.evaluate(self.policy, self.reference, batch)
+        for state in self.loss_state:
+            record = state.read(record)
+        values = pair_metrics(record, self.loss.reward_scale)
         if self.loss.paired:  # an unpaired loss's value needs the mismatched KL rows of its own batches
-            values["loss"] = self.loss(lp).mean()
-        batch_size = lp.policy_chosen_logps.shape[0]
+            values["loss"] = self.loss(record).mean()
+        batch_size = record.policy_chosen_logps.shape[0]
         self.val_metrics.update(values, weight=batch_size)
-        kl_sum, tokens = token_kl(policy_logits, ref_logits, mask)
         self.val_metrics.update({"kl_per_token": kl_sum / tokens}, weight=tokens)
         for name, metric in self.val_metrics.items():
             if name in values or name == "kl_per_token":
@@ -369,3 +305,16 @@ class PreferenceModule(L.LightningModule):
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _StrategyCollective:
+    """The trainer's strategy as a `prefopt.losses.state.Collective` (sums and gathers over every rank)."""
+
+    def __init__(self, module: L.LightningModule) -> None:
+        self.module = module
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return self.module.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        return self.module.all_gather(tensor).reshape(-1, *tensor.shape[1:])

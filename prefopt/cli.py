@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from prefopt.train.data import PreferenceDataModule
 from prefopt.fast.scorer import ScoringOptions, check_fields
 from prefopt.losses import LossConfig
-from prefopt.train.models import BUILTIN
+from prefopt.train.builtin import BUILTIN
 from prefopt.train.module import PreferenceModule
 
 

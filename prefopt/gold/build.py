@@ -365,3 +365,9 @@ def ensure_pairs(
         (tmp / PAIRS_META).write_text(json.dumps(meta, indent=2))
     log.info("sampled gold-task pairs in %.1f s into %s: %s", meta["seconds"], final, meta["train"])
     return train_path, val_path
+
+
+def pair_files(seed: int, **options) -> tuple[Path, Path]:
+    """The built-in dataset ("gold", `prefopt.train.builtin`): (train file, validation file) of a seed's pairs,
+    drawn from the cached reference; `options` are the data's `gold` group (pairs per prompt, label temperature)."""
+    return ensure_pairs(ensure_reference(), seed=seed, **options)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +46,8 @@ from torch.utils.data import DataLoader
 from prefopt.train import formats
 from prefopt.train.batching import EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows
 from prefopt.train.formats import DataError
-from prefopt.train.models import BUILTIN, load_tokenizer
+from prefopt.train.builtin import BUILTIN, DATASETS, source
+from prefopt.train.models import load_tokenizer
 from prefopt.train.sources import load_rows
 
 log = logging.getLogger(__name__)
@@ -165,13 +167,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def _sources(self) -> tuple[Any, Any, str, str]:
         """(train rows, validation rows or None, train source name, val source name)."""
         hp = self.hparams
-        if hp.dataset == BUILTIN:
-            from prefopt.gold.build import ensure_pairs, ensure_reference
-
-            train_path, val_path = ensure_pairs(
-                ensure_reference(), seed=hp.seed, pairs_per_prompt=self.gold.pairs_per_prompt,
-                val_pairs_per_prompt=self.gold.val_pairs_per_prompt, label_temperature=self.gold.label_temperature,
-            )
+        if hp.dataset in DATASETS:  # made in code (prefopt.train.builtin), with the data's options for it
+            train_path, val_path = source(DATASETS, hp.dataset)(seed=hp.seed, **dataclasses.asdict(self.gold))
             return load_rows(str(train_path)), load_rows(str(val_path)), str(train_path), str(val_path)
         train = load_rows(hp.dataset, hp.subset, hp.train_split)
         name = hp.dataset if hp.train_split == "train" else f"{hp.dataset}[{hp.train_split}]"

@@ -1,7 +1,7 @@
 """Loading policies, references and tokenizers by name: the built-in task, a hub name, or a local directory.
 
-`"gold"` names the built-in task's reference policy, built and cached on first use (`prefopt.gold.build`); any
-other string goes to `transformers` as it is: a hub name such as `Qwen/Qwen2.5-0.5B-Instruct` (offline, read from
+A built-in name (`prefopt.train.builtin`: "gold", the built-in task's reference policy, built and cached on first
+use) is made in code; any other string goes to `transformers` as it is: a hub name such as `Qwen/Qwen2.5-0.5B-Instruct` (offline, read from
 the local hub cache when it was downloaded before), or a local `save_pretrained` directory. Any
 `AutoModelForCausalLM` architecture loads, in fp32, bf16 or fp16, with the attention implementation asked for.
 A local path is checked first, so that a missing directory, a directory without weights or a LoRA adapter
@@ -17,18 +17,17 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prefopt.train.builtin import BUILTIN, MODELS, source  # noqa: F401  (BUILTIN re-exported)
+
 log = logging.getLogger(__name__)
 
-BUILTIN = "gold"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 def resolve(name: str) -> str:
     """The path or hub name that transformers should load for `name`."""
-    if name == BUILTIN:
-        from prefopt.gold.build import ensure_reference
-
-        return str(ensure_reference())
+    if name in MODELS:
+        return str(source(MODELS, name)())
     return name
 
 

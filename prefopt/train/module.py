@@ -38,7 +38,8 @@ from prefopt.losses.state import SingleProcess
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
 from prefopt.records import PairLogps
 from prefopt.train.lora import LoraOptions, attach_lora, trainable_keys
-from prefopt.train.models import BUILTIN, enable_gradient_checkpointing, freeze, load_causal_lm
+from prefopt.train.builtin import BUILTIN
+from prefopt.train.models import enable_gradient_checkpointing, freeze, load_causal_lm
 
 
 LEGACY_BUFFERS = {"logratio_sum": "total", "logratio_count": "count"}  # old module buffer -> loss-state buffer

@@ -313,7 +313,7 @@ def test_the_grid_without_reference_cache_into_another_folder(gold_reference_dir
     assert sorted(runs["run"]) == sorted(runs_pattern.split(",")) and set(runs["status"]) == {"ok"}
     for name in runs_pattern.split(","):
         config = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
-        assert config["model"]["reference_cache"] is False and config["trainer"]["max_steps"] == STEPS
+        assert config["model"]["scoring"]["reference_cache"] is False and config["trainer"]["max_steps"] == STEPS
     committed = "results/default/runs.csv"
     assert (checkout / committed).read_bytes() == (ROOT / committed).read_bytes(), "--out leaves results/ alone"
 

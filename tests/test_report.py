@@ -15,6 +15,7 @@ from prefopt.study import report
 from prefopt.study.tables import summarize, t_quantile, write_tables
 
 T_975_2DF = 4.302652729911275  # two-sided 95% Student-t quantile, 2 degrees of freedom (3 seeds)
+T_975_4DF = 2.7764451051977987  # 4 degrees of freedom (5 seeds)
 
 
 def fake_run(runs_dir: Path, variant: str, loss: dict, seed: int, final: dict, status: str = "ok") -> Path:
@@ -140,9 +141,15 @@ def test_matched_kl_interpolates_each_seed_and_ranks_by_reward():
     assert at1.loc["b", "reward.mean"] == pytest.approx(1.35)  # 1.3 + mean(0, 0.05, 0.1)
     assert at1.loc["a", "gap.mean"] == pytest.approx(0.4) and at1.loc["b", "gap.mean"] == pytest.approx(0.65)
     assert at1.loc["a", "rank"] == 1 and at1.loc["b", "rank"] == 2
-    # Paired by seed: a - b = (1.5 + s) - (1.3 + 0.05 i) = 0.2, 0.25, 0.3: mean 0.25, s.d. 0.05.
-    assert at1.loc["b", "behind_best.mean"] == pytest.approx(0.25) and at1.loc["a", "behind_best.mean"] == 0.0
-    assert at1.loc["b", "behind_best.ci95"] == pytest.approx(T_975_2DF * 0.05 / math.sqrt(3))
+    # Paired by seed: a - b = (1.5 + s) - (1.3 + 0.05 i) = 0.2, 0.25, 0.3: mean 0.25, s.d. 0.05. Every seed favours
+    # a, so the bootstrap that repeats the choice of the best finds a ahead in every resample (no bias to correct);
+    # with 3 seeds its resamples are too few to show the spread, and the t interval, wider, is the one given.
+    half = T_975_2DF * 0.05 / math.sqrt(3)
+    assert at1.loc["b", "behind_best.mean"] == pytest.approx(0.25) and at1.loc["a", "behind_best.mean"] == pytest.approx(-0.25)
+    assert at1.loc["b", "behind_best.corrected"] == pytest.approx(0.25, abs=1e-3)  # resampling noise only
+    b = at1.loc["b"]
+    assert b["behind_best.lo"] == pytest.approx(0.25 - half, abs=1e-3) and b["behind_best.hi"] == pytest.approx(0.25 + half, abs=1e-3)
+    assert at1.loc["a", "behind_best.hi"] == pytest.approx(-0.25 + half, abs=1e-3) and at1.loc["a", "behind_best.hi"] < 0
     at25 = matched[matched["kl"] == 2.5].set_index("curve")  # beyond a's largest KL (2.0): no value, no rank
     assert at25.loc["a", "n"] == 0 and math.isnan(at25.loc["a", "reward.mean"])
     assert at25.loc["b", "n"] == 3 and at25.loc["b", "rank"] == 1
@@ -155,8 +162,9 @@ def test_ranking_uses_the_common_kl_range_and_paired_differences():
     # a: reward 0.5 + k + s everywhere in range, so its gap is 0.5 - s at every KL: mean over seeds 0.4.
     assert ranked.loc["a", "matched_gap.mean"] == pytest.approx(0.4)
     assert ranked.loc["a", "rank"] == 1 and ranked.loc["b", "rank"] == 2
-    assert ranked.loc["a", "gap_vs_best.mean"] == 0.0
-    assert ranked.loc["b", "gap_vs_best.mean"] > 0 and ranked.loc["b", "gap_vs_best.ci95"] > 0
+    a_lead = ranked.loc["a", "gap_vs_best_other.mean"]
+    assert a_lead < 0 and ranked.loc["b", "gap_vs_best_other.mean"] == pytest.approx(-a_lead)
+    assert ranked.loc["a", "gap_vs_best_other.hi"] < 0 < ranked.loc["b", "gap_vs_best_other.lo"]  # every seed agrees
     # Best gap over settings: b at beta 2 (KL 0.4): gap 1.4 - (1.0 + 0.05 i) = 0.4 - 0.05 i, mean 0.35.
     assert ranked.loc["b", "best_gap.mean"] == pytest.approx(0.35) and ranked.loc["b", "best_gap.setting"] == "beta=2"
     assert ranked.loc["a", "best_gap.mean"] == pytest.approx(0.4)  # both of a's settings: 0.5 - s
@@ -258,3 +266,59 @@ def test_report_on_runs_without_gold_metrics_prints_the_summary(tmp_path, capsys
     write_tables(tmp_path, dirs)
     assert report.main([str(tmp_path)]) == 0
     assert "no gold-task metrics" in capsys.readouterr().out
+
+
+def _concave_frontier_runs(frontier, kls_by_curve: dict[str, list[float]], seeds: int = 3) -> pd.DataFrame:
+    """Runs that lie exactly on `frontier`: their true gap is 0 wherever they are."""
+    rows = [{"run": f"{c}_{i}_{s}", "variant": c, "status": "ok", "loss": c, "loss.beta": float(i), "seed": s,
+             rk.KL: kl * (1 + 0.01 * s), rk.REWARD: frontier(kl * (1 + 0.01 * s)), rk.ACCURACY: 0.7}
+            for c, kls in kls_by_curve.items() for i, kl in enumerate(kls) for s in range(seeds)]
+    runs = pd.DataFrame(rows)
+    runs[rk.GAP] = 0.0
+    return runs
+
+
+def test_runs_on_the_exact_frontier_have_zero_gap_at_every_kl_however_sparse():
+    """The interpolation-bias check: the built-in task's exact frontier is concave, so a chord between sparse runs
+    lies below it; the ranking interpolates the gap, so runs on the frontier score exactly 0 and rank as ties."""
+    frontier = rk.default_frontier()
+    runs = _concave_frontier_runs(frontier, {"sparse": [0.1, 1.0, 8.0], "dense": [0.1, 0.2, 0.5, 1, 2, 4, 8]})
+    targets = [0.3, 0.7, 2.0, 5.0]
+    matched = rk.matched_kl(runs, targets)
+    assert matched["gap.mean"].abs().max() < 1e-12 and set(matched["n"]) == {3}
+    chord = rk.interpolate([0.1, 1.0, 8.0], [frontier(k) for k in (0.1, 1.0, 8.0)], [5.0])[0]
+    assert frontier(5.0) - chord > 0.05, "interpolating rewards would have charged the sparse curve"
+    ranked = rk.ranking(runs)
+    assert ranked["matched_gap.mean"].abs().max() < 1e-12
+    assert ranked["gap_vs_best_other.mean"].abs().max() < 1e-12
+
+
+def test_a_kl_is_compared_only_on_the_seeds_that_cover_it_for_every_curve():
+    runs = hand_runs()
+    # b's seed 2 stops at KL 1.2, so at KL 2.5 b has seeds 0 and 1 only; a third curve c covers every seed there.
+    runs = runs[~((runs["variant"] == "b") & (runs["seed"] == 2) & (runs[rk.KL] == 3.0))]
+    far = pd.DataFrame([{"run": f"c_{i}_{kl}", "variant": "c", "status": "ok", "loss": "simpo", "loss.beta": kl,
+                         "seed": i, rk.KL: kl, rk.REWARD: 1.0 + kl + 0.3 * i, rk.ACCURACY: 0.7, rk.GAP: 0.0}
+                        for i in range(3) for kl in (1.0, 4.0)])
+    matched = rk.matched_kl(pd.concat([runs, far], ignore_index=True), [2.5], frontier=_line_frontier)
+    at = matched.set_index("curve")
+    assert at.loc["b", "covered"] == 2 and at.loc["c", "covered"] == 3
+    assert at.loc["b", "n"] == at.loc["c", "n"] == 2  # c's seed 2 (its best) does not enter the comparison
+    assert at.loc["c", "reward.mean"] == pytest.approx(1.0 + 2.5 + 0.15)  # seeds 0 and 1 only
+
+
+def test_the_best_setting_interval_repeats_the_selection():
+    """Ten settings with the same true gap (0.5) and seed noise: the smallest observed mean is optimistic (the
+    winner's curse). The bootstrap that repeats the choice moves the estimate back up, and its interval, shifted up
+    against the chosen setting's naive t interval, covers the true 0.5."""
+    noise = np.random.default_rng(7).normal(0.0, 0.1, size=(5, 10))
+    runs = pd.DataFrame([{"run": f"x_{j}_{i}", "variant": "x", "status": "ok", "loss": "dpo", "loss.beta": float(j),
+                          "seed": i, rk.KL: 1.0 + j / 10, rk.REWARD: 1.0, rk.GAP: 0.5 + noise[i, j],
+                          rk.ACCURACY: 0.7} for i in range(5) for j in range(10)])
+    best = rk.best_setting(runs, ["loss.beta"])
+    chosen = noise[:, int(float(best["best_gap.setting"].split("=")[1]))] + 0.5
+    half = T_975_4DF * chosen.std(ddof=1) / math.sqrt(5)
+    assert best["best_gap.mean"] == pytest.approx(chosen.mean()) == pytest.approx(0.5 + noise.mean(0).min())
+    assert best["best_gap.mean"] < best["best_gap.corrected"]
+    assert best["best_gap.lo"] > chosen.mean() - half and best["best_gap.hi"] > chosen.mean() + half
+    assert best["best_gap.lo"] < 0.5 < best["best_gap.hi"]

@@ -1,18 +1,26 @@
-"""Rank losses by gold reward at matched KL and by the gap to the exact frontier, with confidence intervals.
+"""Rank losses by gold reward at matched KL and by the gap to the exact frontier, with intervals that do not favour
+a loss by accident.
 
 Preference accuracy does not rank losses on the built-in task (docs/gold_task.md, 'Preference accuracy does not rank
 losses'), and the same numeric beta means different things across losses (there, 'The same beta means different
 things across losses'), so losses are compared where they stand at the *same* KL:
 
 - A curve is one loss setting swept along its hyperparameters (a grid variant, with everything else but the seed
-  fixed): for each seed, its runs are points (sampled KL, gold reward), linearly interpolated along KL. No
-  extrapolation: a target KL outside a seed's range gives no value for that seed.
-- At each target KL, the reward of each seed's curve; mean, s.d. and a 95% t interval across seeds. The gap to the
-  frontier there is frontier(KL) - reward: at matched KL it ranks exactly as the reward does.
+  fixed): for each seed, its runs are points along the sampled KL.
+- **The gap is interpolated, not the reward.** Reward is concave in KL, so a chord between two runs lies below the
+  curve, the more so where runs are sparse: interpolating rewards would charge a loss for its grid's spacing. The gap
+  to the exact frontier, frontier(KL) - reward, is what is interpolated (linearly along KL, never extrapolated), and
+  the reward at a target KL is frontier(target) - gap: runs that lie on the frontier give a gap of exactly 0.
+- **Common seeds.** Which seeds of a curve reach a KL depends on the outcome; at each target KL, curves are compared
+  on the seeds that cover it for every curve compared there (a curve that would leave fewer than two is not
+  compared at that KL).
+- **Selection-aware intervals.** The leader and each curve's best setting are chosen on the same seeds whose
+  interval is reported; those intervals come from a bootstrap over seeds that repeats the selection in every
+  resample (the basic bootstrap, which also corrects the selection's bias: `.corrected`). A curve's difference to
+  the best *other* curve is negative when it leads; its interval excluding 0 is a lead that survives the selection.
 - The overall score of a curve is its mean gap over 5 KLs spread (geometrically) across the range every curve and
   every seed covers (a curve whose KL never meets the others' is left out and listed unranked). Seeds redraw the
-  pairs, and a seed's pairs are the same for every loss, so differences to the best curve are paired by seed.
-- The best gap over a curve's settings (the setting with the smallest mean gap) is reported with its interval.
+  pairs, and a seed's pairs are the same for every loss, so differences between curves are paired by seed.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from prefopt.study.tables import add_curves, group_columns, t_quantile
 KL, REWARD, GAP = "val/gold/sampled_kl", "val/gold/gold_reward", "val/gold/frontier_gap"
 ACCURACY, MARGIN = "val/accuracy", "val/margin_nats"
 NICE_KLS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+BOOTSTRAP = 2000  # resamples of the seeds for the selection-aware intervals (fixed generator: tables reproduce)
 MIN_RANGE_RATIO = 1.5  # a matched-KL range narrower than this factor (hi / lo) compares too little
 Frontier = Callable[[float], float]
 
@@ -55,15 +64,78 @@ def interpolate(x: Sequence[float], y: Sequence[float], targets: Sequence[float]
 
 
 def per_seed(runs: pd.DataFrame, targets: Sequence[float], frontier: Frontier | None = None) -> pd.DataFrame:
-    """Rows (curve, seed, kl, reward, gap): each seed's curve interpolated at each target KL."""
+    """Rows (curve, seed, kl, reward, gap): each seed's gap to the frontier interpolated along its runs' KLs at each
+    target, and reward = frontier(target) - gap (NaN outside the seed's KL range)."""
     frontier = frontier or default_frontier()
     best = {k: frontier(k) for k in targets}
     rows = []
     for (curve, seed), g in with_curves(runs).groupby(["curve", "seed"], sort=False):
-        rewards = interpolate(g[KL], g[REWARD], targets)
-        rows += [{"curve": curve, "seed": seed, "kl": k, "reward": r, "gap": best[k] - r}
-                 for k, r in zip(targets, rewards)]
+        gaps = interpolate(g[KL], [frontier(k) - r for k, r in zip(g[KL], g[REWARD])], targets)
+        rows += [{"curve": curve, "seed": seed, "kl": k, "reward": best[k] - gap, "gap": gap}
+                 for k, gap in zip(targets, gaps)]
     return pd.DataFrame(rows, columns=["curve", "seed", "kl", "reward", "gap"])
+
+
+def best_other(means: np.ndarray) -> np.ndarray:
+    """For each column, the index of the smallest of the *other* columns (along the last axis)."""
+    order = np.argsort(means, axis=-1, kind="stable")
+    first, second = order[..., :1], order[..., 1:2]
+    return np.where(np.arange(means.shape[-1]) == first, second, first)
+
+
+def minus_best_other(means: np.ndarray) -> np.ndarray:
+    """Along the last axis, each column minus the smallest of the other columns (negative: it is the smallest)."""
+    return means - np.take_along_axis(means, best_other(means), axis=-1)
+
+
+def smallest(means: np.ndarray) -> np.ndarray:
+    """The smallest column mean (a best setting's gap), kept as a (..., 1) axis."""
+    return means.min(-1, keepdims=True)
+
+
+def selection_aware(values: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+                    resamples: int = BOOTSTRAP) -> tuple[np.ndarray, ...]:
+    """(observed, bias-corrected, lo, hi) of statistic(column means) for `values` (seeds, columns), a statistic
+    that selects among the columns (`minus_best_other`, `smallest`).
+
+    The basic bootstrap over seeds repeats the selection in every resample: it gives the bias of the selection
+    (corrected = 2 observed - mean of the resamples) and its share of the uncertainty. With few seeds a bootstrap
+    knows too few distinct resamples to show the seed-to-seed spread, so the interval is the wider, on each side, of
+    the bootstrap's and a t interval around the corrected value (Student t over the seeds of the observed choice's
+    per-seed differences). Fewer than 2 seeds: NaN bounds.
+    """
+    if len(values) < 2:
+        nan = np.full(statistic(np.zeros(values.shape[1:])).shape, math.nan)
+        return (statistic(values.mean(0)) if len(values) else nan), nan, nan, nan
+    n, means = len(values), values.mean(0)
+    observed = statistic(means)
+    rng = np.random.default_rng(0)
+    boot = statistic(values[rng.integers(0, n, (resamples, n))].mean(1))  # (resamples, k)
+    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
+    corrected = 2 * observed - boot.mean(0)
+    per_seed = statistic_per_seed(values, means, statistic)  # (seeds, k)
+    half = t_quantile(n) * per_seed.std(0, ddof=1) / math.sqrt(n)
+    return observed, corrected, np.minimum(2 * observed - high, corrected - half), \
+        np.maximum(2 * observed - low, corrected + half)
+
+
+def statistic_per_seed(values: np.ndarray, means: np.ndarray, statistic: Callable) -> np.ndarray:
+    """Each seed's value of the statistic with the observed choice held fixed: its row minus the observed best
+    other column (`minus_best_other`), or its value of the observed smallest column (`smallest`)."""
+    if statistic is smallest:
+        return values[:, [int(np.argmin(means))]]
+    return values - values[:, best_other(means)]
+
+
+def compared_on(seeds: pd.DataFrame) -> tuple[list, list]:
+    """(curves, seeds) to compare at one target KL: the seeds that cover it for every curve compared, leaving out
+    (fewest covered seeds first) any curve that would leave fewer than two such seeds."""
+    covered = {c: set(g.loc[g["reward"].notna(), "seed"]) for c, g in seeds.groupby("curve", sort=False)}
+    curves = [c for c, s in covered.items() if s]
+    while len(curves) > 1 and len(set.intersection(*(covered[c] for c in curves))) < 2:
+        curves.remove(min(curves, key=lambda c: len(covered[c])))
+    common = set.intersection(*(covered[c] for c in curves)) if curves else set()
+    return curves, sorted(common)
 
 
 def _fmt(value: object) -> str:
@@ -80,31 +152,32 @@ def _stats(x: pd.Series) -> tuple[int, float, float, float]:
 
 
 def matched_kl(runs: pd.DataFrame, targets: Sequence[float], frontier: Frontier | None = None) -> pd.DataFrame:
-    """Per (curve, target KL): n seeds, reward and gap mean/s.d./ci95, the rank by reward at that KL, and the
-    reward's difference to the best curve there, paired by seed (`behind_best`: best minus this curve)."""
+    """Per (curve, target KL), on the seeds that cover that KL for every curve compared (`compared_on`): n, reward
+    and gap mean/s.d./ci95, the rank by reward, and `behind_best`: the best other curve's reward minus this one's,
+    paired by seed, with a selection-aware interval (negative: this curve leads)."""
     seeds = per_seed(runs, targets, frontier)
     rows = []
-    for (curve, kl), g in seeds.groupby(["curve", "kl"], sort=False):
-        n, mean, std, ci = _stats(g["reward"])
-        _, gap, _, gap_ci = _stats(g["gap"])
-        rows.append({"curve": curve, "kl": kl, "n": n, "reward.mean": mean, "reward.std": std, "reward.ci95": ci,
-                     "gap.mean": gap, "gap.ci95": gap_ci})
-    columns = ["curve", "kl", "n", "reward.mean", "reward.std", "reward.ci95", "gap.mean", "gap.ci95"]
-    out = pd.DataFrame(rows, columns=columns)
-    out["rank"] = out.groupby("kl")["reward.mean"].rank(ascending=False, method="min")
-    out = out.sort_values(["kl", "rank"], kind="stable").reset_index(drop=True)
-    wide = seeds.pivot_table(index=["kl", "seed"], columns="curve", values="reward", dropna=False)
-    behind = []
-    for curve, kl, rank in zip(out["curve"], out["kl"], out["rank"]):
-        leaders = out[(out["kl"] == kl) & (out["rank"] == 1)]["curve"]
-        if pd.isna(rank) or leaders.empty:
-            behind.append((math.nan, math.nan))
-            continue
-        at = wide.loc[kl]
-        _, mean, _, ci = _stats(at[leaders.iloc[0]] - at[curve])
-        behind.append((mean, ci))
-    out["behind_best.mean"], out["behind_best.ci95"] = zip(*behind) if behind else ([], [])
-    return out
+    for kl, at in seeds.groupby("kl", sort=False):
+        curves, common = compared_on(at)
+        wide = at.pivot_table(index="seed", columns="curve", values="reward", dropna=False).reindex(common)
+        behind = {}
+        if len(curves) > 1 and len(common) > 1:
+            obs, corrected, lo, hi = selection_aware(-wide[curves].to_numpy(), minus_best_other)  # higher is better
+            behind = {c: (obs[i], corrected[i], lo[i], hi[i]) for i, c in enumerate(curves)}
+        for curve, g in at.groupby("curve", sort=False):
+            on = g[g["seed"].isin(common)] if curve in curves else g.iloc[:0]
+            n, mean, std, ci = _stats(on["reward"])
+            _, gap, _, gap_ci = _stats(on["gap"])
+            b = behind.get(curve, (math.nan,) * 4)
+            rows.append({"curve": curve, "kl": kl, "n": n, "covered": int(g["reward"].notna().sum()),
+                         "reward.mean": mean, "reward.std": std, "reward.ci95": ci, "gap.mean": gap,
+                         "gap.ci95": gap_ci, "behind_best.mean": b[0], "behind_best.corrected": b[1],
+                         "behind_best.lo": b[2], "behind_best.hi": b[3]})
+    out = pd.DataFrame(rows, columns=["curve", "kl", "n", "covered", "reward.mean", "reward.std", "reward.ci95",
+                                      "gap.mean", "gap.ci95", "behind_best.mean", "behind_best.corrected",
+                                      "behind_best.lo", "behind_best.hi"])
+    out.insert(3, "rank", out.groupby("kl")["reward.mean"].rank(ascending=False, method="min"))
+    return out.sort_values(["kl", "rank"], kind="stable").reset_index(drop=True)
 
 
 def common_kl_range(runs: pd.DataFrame) -> tuple[float, float, list[str]]:
@@ -129,8 +202,9 @@ def common_kl_range(runs: pd.DataFrame) -> tuple[float, float, list[str]]:
 
 
 def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 5) -> pd.DataFrame:
-    """One row per curve, best first: mean gap over the common KL range (with a paired difference to the best),
-    reward there, the best gap over the curve's settings, the curve's KL span and its accuracy (not ranked on)."""
+    """One row per curve, best first: mean gap over the common KL range, its difference to the best other curve
+    (paired by seed, selection-aware), the best gap over the curve's settings (selection-aware), the curve's KL span
+    and its accuracy (not ranked on)."""
     curves = with_curves(runs)
     lo, hi, left_out = common_kl_range(runs) if len(curves) else (math.nan, math.nan, [])
     if not (lo > 0 and hi > lo):  # no KL range that every kept curve covers (two disjoint curves): nothing ranked
@@ -147,12 +221,7 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
         row["matched_kl_lo"], row["matched_kl_hi"] = lo, hi
         _, row["matched_gap.mean"], _, row["matched_gap.ci95"] = _stats(s["gap"])
         _, row["matched_reward.mean"], _, row["matched_reward.ci95"] = _stats(s["reward"])
-        by_setting = g.groupby(settings, dropna=False, sort=False) if settings else [((), g)]
-        best = min(by_setting, key=lambda item: item[1][GAP].mean())
-        _, row["best_gap.mean"], _, row["best_gap.ci95"] = _stats(best[1][GAP])
-        varying = [c for c in settings if g[c].nunique() > 1]
-        row["best_gap.setting"] = " ".join(f"{c[5:]}={_fmt(best[1][c].iloc[0])}" for c in varying)
-        row["best_gap.kl"] = float(best[1][KL].mean())
+        row.update(best_setting(g, settings))
         cols = [KL, ACCURACY]
         means = g.groupby(settings, dropna=False)[cols].mean() if settings else g[cols].mean().to_frame().T
         row["kl.min"], row["kl.max"] = float(means[KL].min()), float(means[KL].max())
@@ -164,14 +233,29 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
     out = out.sort_values(["matched_gap.mean", "best_gap.mean"], na_position="last", kind="stable")
     out = out.reset_index(drop=True)
     out.insert(0, "rank", [i + 1 if ok else math.nan for i, ok in enumerate(out["ranked"])])
-    leader = out["curve"].iloc[0]
-    diffs = []
-    for curve in out["curve"]:  # paired by seed: a seed's pairs are the same for every loss
-        if curve not in scores.index.get_level_values(0) or leader not in scores.index.get_level_values(0):
-            diffs.append((math.nan, math.nan))
-            continue
-        d = (scores.loc[curve]["gap"] - scores.loc[leader]["gap"]).dropna()
-        _, mean, _, ci = _stats(d)
-        diffs.append((mean, ci))
-    out["gap_vs_best.mean"], out["gap_vs_best.ci95"] = zip(*diffs)
+    # Paired by seed (a seed's pairs are the same for every loss), on the seeds every ranked curve has.
+    names = [c for c in out["curve"] if c in scores.index.get_level_values(0)]
+    wide = scores["gap"].unstack("curve").reindex(columns=names).dropna() if names else pd.DataFrame()
+    versus = {}
+    if len(names) > 1 and len(wide) > 1:
+        obs, corrected, low, high = selection_aware(wide.to_numpy(), minus_best_other)
+        versus = {c: (obs[i], corrected[i], low[i], high[i]) for i, c in enumerate(names)}
+    for j, key in enumerate(("mean", "corrected", "lo", "hi")):
+        out[f"gap_vs_best_other.{key}"] = [versus.get(c, (math.nan,) * 4)[j] for c in out["curve"]]
     return out
+
+
+def best_setting(g: pd.DataFrame, settings: list[str]) -> dict[str, object]:
+    """The curve's setting with the smallest mean gap (`best_gap.*`): its observed mean (optimistic: it is the
+    minimum of several noisy means), the bias-corrected value and interval of a bootstrap that repeats the choice
+    over the seeds every setting has, the setting's values that vary along the curve and its mean KL."""
+    label = pd.Series([" ".join(map(str, row)) for row in g[settings].itertuples(index=False)], index=g.index)
+    gaps = g.assign(setting=label).pivot_table(index="seed", columns="setting", values=GAP)
+    best = gaps.mean().idxmin()
+    _, corrected, low, high = selection_aware(gaps.dropna().to_numpy(), smallest)
+    chosen = g[label == best]
+    varying = [c for c in settings if g[c].nunique() > 1]
+    return {"best_gap.mean": float(gaps[best].mean()), "best_gap.corrected": float(corrected[0]),
+            "best_gap.lo": float(low[0]), "best_gap.hi": float(high[0]),
+            "best_gap.setting": " ".join(f"{c[5:]}={_fmt(chosen[c].iloc[0])}" for c in varying),
+            "best_gap.kl": float(chosen[KL].mean())}

@@ -73,6 +73,15 @@ def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _interval(mean: pd.Series, lo: pd.Series, hi: pd.Series, corrected: pd.Series | None = None) -> pd.Series:
+    """`mean [lo, hi]` (or `mean (corrected) [lo, hi]`) cells of a selection-aware interval; `-` where undefined."""
+    corrected = corrected if corrected is not None else pd.Series([None] * len(mean), index=mean.index)
+    return pd.Series([
+        "-" if pd.isna(m) else f"{m:+.3f}" + (f" ({c:+.3f})" if c is not None and pd.notna(c) else "")
+        + (f" [{a:+.3f}, {b:+.3f}]" if pd.notna(a) else "")
+        for m, a, b, c in zip(mean, lo, hi, corrected)], index=mean.index)
+
+
 def _pm(mean: pd.Series, ci: pd.Series, digits: int = 3) -> pd.Series:
     return [("-" if pd.isna(m) else f"{m:.{digits}f} ± {c:.{digits}f}" if pd.notna(c) else f"{m:.{digits}f}")
             for m, c in zip(mean, ci)]
@@ -104,8 +113,11 @@ def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked:
         limit = pd.DataFrame([{k: f"{frontier(k):.3f}" for k in table.columns}], index=["(frontier)"])
         print("\nGold reward at matched KL (interpolated along each curve, per seed; ± 95% CI):\n")
         print(pd.concat([table, limit]).fillna("-").to_string())
-        behind = matched.assign(cell=_pm(matched["behind_best.mean"], matched["behind_best.ci95"]))
-        print("\nBehind the best curve at that KL (its reward minus this curve's, paired by seed; ± 95% CI):\n")
+        behind = matched.assign(cell=_interval(matched["behind_best.mean"], matched["behind_best.lo"],
+                                               matched["behind_best.hi"]))
+        print("\nBehind the best other curve at that KL (its reward minus this curve's, paired by seed on the seeds "
+              "that cover the KL for every curve; negative: this curve leads; 95% interval of a bootstrap that "
+              "repeats the choice of the best):\n")
         print(behind.pivot(index="curve", columns="kl", values="cell").reindex(curves).fillna("-").to_string())
     if len(ranked):
         print_ranking(ranked)
@@ -121,8 +133,10 @@ def print_ranking(ranked: pd.DataFrame) -> None:
         "rank": [f"{r:.0f}" if pd.notna(r) else "-" for r in ranked["rank"]],
         "curve": ranked["curve"],
         "matched gap": _pm(ranked["matched_gap.mean"], ranked["matched_gap.ci95"]),
-        "vs best (paired)": _pm(ranked["gap_vs_best.mean"], ranked["gap_vs_best.ci95"]),
-        "best gap": _pm(ranked["best_gap.mean"], ranked["best_gap.ci95"]),
+        "vs best other (paired)": _interval(ranked["gap_vs_best_other.mean"], ranked["gap_vs_best_other.lo"],
+                                            ranked["gap_vs_best_other.hi"]),
+        "best gap (corrected)": _interval(ranked["best_gap.mean"], ranked["best_gap.lo"], ranked["best_gap.hi"],
+                                          ranked["best_gap.corrected"]),
         "at": ranked["best_gap.setting"],
         "KL span": [f"{a:.2f}-{b:.2f}" for a, b in zip(ranked["kl.min"], ranked["kl.max"])],
         "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],

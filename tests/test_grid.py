@@ -199,6 +199,12 @@ def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
     with pytest.raises(SystemExit):
         grid_cli.main(["--config", str(bad), "--dry-run"])
     assert "max_stepz" in capsys.readouterr().err
+    # A loss reading a field that the run's scoring settings cannot produce is refused before any run starts.
+    unproducible = write_grid(tmp_path, {"set": {"model.loss.name": "tdpo2", "model.scoring.logps_chunk_size": 8}},
+                              "tdpo.yaml")
+    with pytest.raises(SystemExit):
+        grid_cli.main(["--config", str(unproducible), "--dry-run"])
+    assert "'tdpo2' reads chosen_seq_kl" in capsys.readouterr().err
 
 
 def grid_files() -> list[Path]:

@@ -122,6 +122,16 @@ def test_ipo_converges_to_its_closed_form() -> None:
     assert tv(policy, ipo_optimum(prefs, tau)) < 0.02, (policy, ipo_optimum(prefs, tau))
 
 
+def test_reference_free_ipo_converges_to_the_closed_form_with_a_uniform_reference() -> None:
+    """IPO's optimum pi_ref exp(P(y > mu) / tau) / Z with the uniform distribution as the reference: one-token
+    responses make the averaged log-probs the log-probs themselves."""
+    tau, prefs = 0.5, bt_preferences(R)
+    policy = train_population(LossConfig("ipo_ref_free", beta=tau), prefs)
+    optimum = torch.softmax((prefs @ MU) / tau, -1)
+    assert tv(policy, optimum) < 0.02, (policy, optimum)
+    assert tv(optimum, ipo_optimum(prefs, tau)) > 0.05  # not the reference-based optimum
+
+
 def test_cdpo_has_a_finite_optimum_and_robust_dpo_has_none() -> None:
     eps, beta = 0.1, 1.0
     cdpo = train_single_pair(LossConfig("cdpo", beta=beta, label_smoothing=eps), steps=1500)

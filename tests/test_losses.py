@@ -120,6 +120,10 @@ HAND: dict[str, tuple[dict, list[float]]] = {
     # z0 = 0.5; rows: desirable 1 - sig(1 - 0.5); undesirable 2 (1 - sig(0.5 - (-1))); desirable again
     "kto": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(0.5), 2 * (1 - sig(1.5)), 1 - sig(0.5)]),
     "apo_zero_unpaired": ({"beta": 1.0, "undesirable_weight": 2.0}, [1 - sig(1.0), 2 * sig(-1.0), 1 - sig(1.0)]),
+    # -exp(avg_w) + exp(avg_l): avg_w = [-2, -2, -3], avg_l = [-1.25, -2.5, -4]
+    "simper": ({}, [-math.exp(w) + math.exp(v) for w, v in zip(AVG_W, AVG_L)]),
+    # (avg_w - avg_l - 1/(2 * 0.5))^2 = ([-0.75, 0.5, 1] - 1)^2; + token-mean NLL(y_w) = -logp_w * 3 / 6 = [2, 3, 1.5]
+    "ipo_ref_free": ({"beta": 0.5, "alpha": 1.0}, [3.0625 + 2.0, 0.25 + 3.0, 0.0 + 1.5]),
     # beta (h - (D_l - D_w)) = 0.5 * [0.6, -1.8, 2.7]; TDPO2 halves the KL gap (alpha = 0.5): 0.5 * [0.8, -1.9, 2.85]
     "tdpo1": ({"beta": 0.5}, [L(0.5 * (h - d)) for h, d in zip(H, D_GAP)]),
     "tdpo2": ({"beta": 0.5, "alpha": 0.5}, [L(0.5 * h - 0.5 * 0.5 * d) for h, d in zip(H, D_GAP)]),
@@ -212,6 +216,8 @@ INIT: dict[str, tuple[dict, Callable[[], list[float]]]] = {
     "composite": (MPO, lambda: [0.8 * LN2 + 0.2 * 2 * LN2 + a / 5.0 for a in LW0]),
     "kto": ({"desirable_weight": 1.0, "undesirable_weight": 1.5}, lambda: [0.5, 0.75, 0.5]),  # lambda / 2
     "apo_zero_unpaired": ({"undesirable_weight": 1.5}, lambda: [0.5, 0.75, 0.5]),
+    "simper": ({}, _const(0.0)),
+    "ipo_ref_free": ({"beta": 0.1}, _const(1 / (4 * 0.1**2))),  # margin 0: (0 - 1/(2 beta))^2  # avg(y_w) = avg(y_l) = -1: the two inverse perplexities cancel
     "tdpo1": ({}, _const(LN2)),  # h = 0 and both sequential KLs 0
     "tdpo2": ({}, _const(LN2)),
 }
@@ -254,6 +260,15 @@ def test_gradient_signs(name: str) -> None:
         assert g_l is None or bool((g_l == 0).all()), g_l
     elif name not in REJECTED_SIGN_EXEMPT:
         assert bool((g_l > 0).all()), g_l
+
+
+def test_simper_gradients_are_its_inverse_perplexities_over_the_length() -> None:
+    """d/d logp(y_w) = -exp(avg_w)/|y_w| and d/d logp(y_l) = exp(avg_l)/|y_l|: each response is weighted by its own
+    inverse perplexity, so a rejected response that is already unlikely gets almost no push (bounded by 1/|y|)."""
+    lp = hand_pairs(grad=True)
+    LossConfig("simper")(lp).sum().backward()
+    torch.testing.assert_close(lp.policy_chosen_logps.grad, t([-math.exp(a) / n for a, n in zip(AVG_W, LW)]))
+    torch.testing.assert_close(lp.policy_rejected_logps.grad, t([math.exp(a) / n for a, n in zip(AVG_L, LL)]))
 
 
 def test_discopop_is_monotone_away_from_zero() -> None:

@@ -26,6 +26,11 @@ def _avg(logps: Tensor, lengths: Tensor) -> Tensor:
     return logps / lengths.clamp(min=1)
 
 
+def _avg_margin(lp: PairLogps) -> Tensor:
+    """avg(y_w) - avg(y_l): the margin of length-averaged policy log-probs, shape (B,)."""
+    return _avg(lp.policy_chosen_logps, lp.chosen_lengths) - _avg(lp.policy_rejected_logps, lp.rejected_lengths)
+
+
 def chosen_nll(lp: PairLogps, how: Literal["sum", "pair_mean", "batch_mean"]) -> Tensor:
     """The chosen response's NLL per pair, shape (B,), in one of three normalizations.
 
@@ -57,7 +62,7 @@ def simpo(lp: PairLogps, *, beta: Positive = 2.0, gamma_beta_ratio: NonNegative 
     gamma / beta converts. Pure SimPO has no NLL term (TRL's CPO trainer keeps cpo_alpha = 1 with
     loss_type=simpo; here that is a composite with `sft`).
     """
-    margin = _avg(lp.policy_chosen_logps, lp.chosen_lengths) - _avg(lp.policy_rejected_logps, lp.rejected_lengths)
+    margin = _avg_margin(lp)  # (B,)
     return -F.logsigmoid(beta * margin - gamma_beta_ratio * beta)
 
 
@@ -144,3 +149,44 @@ def sft(lp: PairLogps, *, token_mean: Literal["batch", "pair"] = "batch") -> Ten
     mean sum(-logp(y_w)) / sum(|y_w|) of the (micro-)batch; token_mean=pair: each pair's own mean -logp(y_w)/|y_w|.
     """
     return chosen_nll(lp, "batch_mean" if token_mean == "batch" else "pair_mean")
+
+
+@register(
+    "simper",
+    paper="Xiao et al. 2025, 'SimPER: A Minimalist Approach to Preference Alignment without Hyperparameters', "
+    "arXiv 2502.00883 (the SimPER objective)",
+    formula="-exp(avg(y_w)) + exp(avg(y_l)): the inverse perplexities of the two responses",
+    needs_reference=False,
+    aggregation="mean",
+    reward="exp(avg(y)), the response's inverse perplexity (no reference, no scale)",
+    reward_scale=None,
+)
+def simper(lp: PairLogps) -> Tensor:
+    """SimPER: raise the chosen response's inverse perplexity and lower the rejected one's; no hyperparameters.
+
+    Each term is bounded in (0, 1], so neither response's gradient can grow without limit (the paper relates the
+    objective to the total variation distance). There is no finite optimum: it ends at p(y_w) -> 1, p(y_l) -> 0.
+    """
+    return -torch.exp(_avg(lp.policy_chosen_logps, lp.chosen_lengths)) + torch.exp(
+        _avg(lp.policy_rejected_logps, lp.rejected_lengths))
+
+
+@register(
+    "ipo_ref_free",
+    paper="IPO's squared loss (Azar et al. 2023, arXiv 2310.12036, Eq. 17) without a reference, on length-averaged "
+    "log-probs, as TRL's CPO trainer has it (loss_type='ipo'; its NLL weight cpo_alpha is `alpha` here)",
+    formula="(avg(y_w) - avg(y_l) - 1/(2 beta))^2 + alpha * token-mean NLL(y_w)",
+    needs_reference=False,
+    aggregation="mean",
+    reward="avg(y) (no reference, no scale)",
+    reward_scale=None,
+)
+def ipo_ref_free(lp: PairLogps, *, beta: Positive = 0.1, alpha: NonNegative = 0.0) -> Tensor:
+    """Reference-free IPO: the average log-prob margin regressed onto 1/(2 beta) (beta plays IPO's tau).
+
+    With the uniform distribution in the reference's place the IPO target becomes a margin of per-token log-probs,
+    which is how TRL's CPO trainer computes it. That trainer also adds cpo_alpha (default 1) times the chosen
+    response's token-mean NLL; here `alpha` defaults to 0, the squared loss alone, and alpha = 1 is TRL's setting.
+    """
+    margin = _avg_margin(lp)  # (B,)
+    return (margin - 1 / (2 * beta)) ** 2 + alpha * chosen_nll(lp, "batch_mean")

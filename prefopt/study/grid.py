@@ -272,17 +272,22 @@ def select(runs: list[Run], patterns: str | None) -> list[Run]:
 
 
 def check_configs(grid: Grid, runs: list[Run]) -> None:
-    """Parse the first run of each variant with the CLI (`--print_config`): a wrong key fails before any run starts."""
+    """Parse the first run of each variant with the CLI (`--print_config`): a wrong key fails before any run starts,
+    and so does a loss that reads a record field its scoring settings cannot produce (`fast.scorer.check_fields`)."""
     import contextlib
     import io
 
+    import yaml
+
     from prefopt.cli import main
+    from prefopt.fast.scorer import ScoringOptions, check_fields
+    from prefopt.losses import LossConfig
 
     firsts = {run.variant: run for run in reversed(runs)}
     for run in firsts.values():
-        err, argv = io.StringIO(), sys.argv
+        out, err, argv = io.StringIO(), io.StringIO(), sys.argv
         sys.argv = argv[:1]  # LightningCLI warns when it is given args while sys.argv holds others (ours)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(["fit", *run.overrides(grid.base), "--print_config"])
                 code = 0
@@ -292,6 +297,11 @@ def check_configs(grid: Grid, runs: list[Run]) -> None:
                 sys.argv = argv
         if code:
             raise GridError(f"run {run.name} does not parse:\n{err.getvalue().strip()[-2000:]}")
+        model = (yaml.safe_load(out.getvalue()) or {}).get("model") or {}
+        try:
+            check_fields(ScoringOptions(**(model.get("scoring") or {})), LossConfig.from_value(model.get("loss")))
+        except ValueError as error:
+            raise GridError(f"run {run.name}: {error}") from None
 
 
 def default_workers() -> int:

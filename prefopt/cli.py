@@ -24,7 +24,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from prefopt.train.data import PreferenceDataModule
-from prefopt.fast.scorer import ScoringOptions, check_fields
+from prefopt.fast.scorer import check_config
 from prefopt.losses import LossConfig
 from prefopt.train.builtin import BUILTIN
 from prefopt.train.module import PreferenceModule
@@ -146,7 +146,7 @@ class PrefoptCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
-            check_fields(ScoringOptions(**dict(config.model.scoring)), config.model.loss)
+            check_config(config.model.scoring, config.model.loss)
         except ValueError as err:
             from argparse import ArgumentError
 

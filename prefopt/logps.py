@@ -109,6 +109,13 @@ def token_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor)
     return (kl * mask).sum(), mask.sum()
 
 
+def to_slots(values: Tensor, completion_mask: Tensor) -> Tensor:
+    """Values (n,) given in the row-major order of the completion slots (completion_mask[:, 1:]) placed back into
+    the per-token layout (N, T-1), zero elsewhere."""
+    mask = completion_mask[:, 1:].bool()
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 def sequence_kl(ref_logprobs: Tensor, policy_logprobs: Tensor, completion_mask: Tensor) -> Tensor:
     """Per row, the sum over completion positions of KL(pi_ref(.|context) || pi(.|context)); shape (N,).
 
@@ -116,5 +123,4 @@ def sequence_kl(ref_logprobs: Tensor, policy_logprobs: Tensor, completion_mask: 
     row-major order of completion_mask[:, 1:] (what TDPO calls the sequential KL divergence, arXiv 2404.11999).
     """
     slots = (ref_logprobs.exp() * (ref_logprobs - policy_logprobs)).sum(-1)  # (n,)
-    mask = completion_mask[:, 1:].bool()
-    return torch.zeros(mask.shape, dtype=slots.dtype, device=slots.device).masked_scatter(mask, slots).sum(-1)
+    return to_slots(slots, completion_mask).sum(-1)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prefopt.logps import forward_logits, token_logps
+from prefopt.logps import forward_logits, to_slots, token_logps
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -116,4 +116,4 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_siz
                      use_cache=False)
     picked = hidden.last_hidden_state[mask]  # (n, H)
     values = label_logps_from_hidden(picked, head.weight, batch["input_ids"][:, 1:][mask], head.bias, chunk_size)
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    return to_slots(values, batch["completion_mask"])

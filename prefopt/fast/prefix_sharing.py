@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prefopt.fast.head import decoder_and_head, label_logps_from_hidden
+from prefopt.logps import to_slots
 
 
 def shared_row_length(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
@@ -178,17 +179,21 @@ def _trimmed_forward(self: nn.Module, hidden_states: Tensor, read_rows: Tensor |
     return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
 
 
-def _shared_inputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def _predicting(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Linear | None]:
+    """The forward of a prompt-shared batch up to its n predicting positions (pred_index order): their last hidden
+    states (n, H) and the LM head, or, for a model whose logits are more than head(hidden), their logits (n, V) and
+    None. The trimmed last layer (`trim_last_layer`) is given the rows to compute."""
     dtype = next(model.parameters()).dtype
-    return {"input_ids": batch["input_ids"], "attention_mask": _mask_for(model, batch, dtype),
-            "position_ids": batch["position_ids"]}
-
-
-def _to_slots(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Values (n,) in pred_index order -> the standard (2B, L) per-token layout (row-major order of the slots)."""
-    label_mask = batch["completion_mask"][:, 1:].bool()  # (2B, L)
-    out = torch.zeros(label_mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(label_mask, values)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": _mask_for(model, batch, dtype),
+              "position_ids": batch["position_ids"]}
+    parts = decoder_and_head(model)
+    if parts is None:  # extra logit processing: full logits, then pick the predicting positions
+        return model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]], None
+    decoder, head = parts
+    if _is_trimmed(decoder):
+        inputs["read_rows"] = batch["read_rows"]
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    return hidden.flatten(0, 1)[batch["pred_index"]], head
 
 
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
@@ -197,33 +202,18 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
     `pair_logps(shared_token_logps(model, batch), batch["completion_mask"])` is then the usual record.
     `chunk_size`: rows of the LM head computed at a time (`prefopt.fast.head.label_logps_from_hidden`).
     """
-    inputs = _shared_inputs(model, batch)
-    parts = decoder_and_head(model)
-    if parts is None:  # a model with extra logit processing: full logits, then pick the predicting positions
-        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]]  # (n, V)
-        values = torch.gather(logits.float(), 1, batch["labels"][:, None]).squeeze(1) - logits.float().logsumexp(-1)
+    picked, head = _predicting(model, batch)
+    if head is None:
+        logits = picked.float()
+        values = torch.gather(logits, 1, batch["labels"][:, None]).squeeze(1) - logits.logsumexp(-1)
     else:
-        decoder, head = parts
-        if _is_trimmed(decoder):
-            inputs["read_rows"] = batch["read_rows"]
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        picked = hidden.flatten(0, 1)[batch["pred_index"]]  # (n, H)
         values = label_logps_from_hidden(picked, head.weight, batch["labels"], head.bias, chunk_size)  # (n,)
-    return _to_slots(values, batch)
+    return to_slots(values, batch["completion_mask"])  # row-major order of the slots = the order of pred_index
 
 
 def shared_token_distributions(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(per-token log-probs (2B, L) as `shared_token_logps`, next-token log-softmax (n, V) at the n completion slots
     in their row-major order): the full distributions that a loss reading a per-token KL needs."""
-    inputs = _shared_inputs(model, batch)
-    parts = decoder_and_head(model)
-    if parts is None:
-        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]]  # (n, V)
-    else:
-        decoder, head = parts
-        if _is_trimmed(decoder):
-            inputs["read_rows"] = batch["read_rows"]
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[batch["pred_index"]]
-        logits = head(hidden)
-    logprobs = torch.log_softmax(logits.float(), -1)  # (n, V)
-    return _to_slots(logprobs.gather(1, batch["labels"][:, None]).squeeze(1), batch), logprobs
+    picked, head = _predicting(model, batch)
+    logprobs = torch.log_softmax((picked if head is None else head(picked)).float(), -1)  # (n, V)
+    return to_slots(logprobs.gather(1, batch["labels"][:, None]).squeeze(1), batch["completion_mask"]), logprobs

@@ -13,7 +13,9 @@ loss that reads a field these settings cannot produce, naming the loss, the fiel
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +92,12 @@ def check_fields(options: ScoringOptions, loss: LossConfig) -> None:
                              "set model.scoring.logps_chunk_size: null")
 
 
+def check_config(scoring: Mapping[str, Any] | None, loss: Any) -> None:
+    """`check_fields` for a parsed config's `model.scoring` group and `model.loss` value (what the CLI and a grid's
+    pre-flight check hold before anything is built)."""
+    check_fields(ScoringOptions(**dict(scoring or {})), LossConfig.from_value(loss))
+
+
 class Scorer:
     """Batch -> record for one loss under one set of `ScoringOptions`; see the module docstring."""
 
@@ -142,7 +150,9 @@ class Scorer:
         record = pair_logps(policy_tokens, mask, ref_tokens)
         if self.with_reference and self._table is not None:
             index = batch["index"]
-            record = record.replace(**{k: v.to(index.device)[index] for k, v in self._table.items()})
+            if next(iter(self._table.values())).device != index.device:  # once: the table follows the batches
+                self._table = {k: v.to(index.device) for k, v in self._table.items()}
+            record = record.replace(**{k: v[index] for k, v in self._table.items()})
         if self.distribution:
             record = _with_sequence_kl(record, ref_dist, policy_dist, mask)
         return record

@@ -280,8 +280,7 @@ def check_configs(grid: Grid, runs: list[Run]) -> None:
     import yaml
 
     from prefopt.cli import main
-    from prefopt.fast.scorer import ScoringOptions, check_fields
-    from prefopt.losses import LossConfig
+    from prefopt.fast.scorer import check_config
 
     firsts = {run.variant: run for run in reversed(runs)}
     for run in firsts.values():
@@ -299,7 +298,7 @@ def check_configs(grid: Grid, runs: list[Run]) -> None:
             raise GridError(f"run {run.name} does not parse:\n{err.getvalue().strip()[-2000:]}")
         model = (yaml.safe_load(out.getvalue()) or {}).get("model") or {}
         try:
-            check_fields(ScoringOptions(**(model.get("scoring") or {})), LossConfig.from_value(model.get("loss")))
+            check_config(model.get("scoring"), model.get("loss"))
         except ValueError as error:
             raise GridError(f"run {run.name}: {error}") from None
 

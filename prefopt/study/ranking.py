@@ -83,48 +83,47 @@ def best_other(means: np.ndarray) -> np.ndarray:
     return np.where(np.arange(means.shape[-1]) == first, second, first)
 
 
-def minus_best_other(means: np.ndarray) -> np.ndarray:
-    """Along the last axis, each column minus the smallest of the other columns (negative: it is the smallest)."""
-    return means - np.take_along_axis(means, best_other(means), axis=-1)
+def _pick(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """x's values at `columns` along the last axis (indices broadcast over x's leading axes)."""
+    return np.take_along_axis(x, np.broadcast_to(columns, x.shape[:-1] + columns.shape[-1:]), axis=-1)
 
 
-def smallest(means: np.ndarray) -> np.ndarray:
-    """The smallest column mean (a best setting's gap), kept as a (..., 1) axis."""
-    return means.min(-1, keepdims=True)
+def minus_best_other(x: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """Each column of x minus x's column that is the smallest *other* one in the means `on` (negative where a
+    column is the smallest): with x = on, each curve against the best of the rest."""
+    return x - _pick(x, best_other(on))
 
 
-def selection_aware(values: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+def smallest(x: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """x's column that is the smallest in the means `on`, kept as a (..., 1) axis: a curve's best setting."""
+    return _pick(x, np.argmin(on, axis=-1)[..., None])
+
+
+def selection_aware(values: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
                     resamples: int = BOOTSTRAP) -> tuple[np.ndarray, ...]:
-    """(observed, bias-corrected, lo, hi) of statistic(column means) for `values` (seeds, columns), a statistic
-    that selects among the columns (`minus_best_other`, `smallest`).
+    """(observed, bias-corrected, lo, hi) of statistic(means, means) for `values` (seeds, columns), a statistic
+    that selects among the columns by their means (`minus_best_other`, `smallest`).
 
     The basic bootstrap over seeds repeats the selection in every resample: it gives the bias of the selection
     (corrected = 2 observed - mean of the resamples) and its share of the uncertainty. With few seeds a bootstrap
     knows too few distinct resamples to show the seed-to-seed spread, so the interval is the wider, on each side, of
-    the bootstrap's and a t interval around the corrected value (Student t over the seeds of the observed choice's
-    per-seed differences). Fewer than 2 seeds: NaN bounds.
+    the bootstrap's and a t interval around the corrected value (Student t over the seeds of statistic(values,
+    means): each seed's value with the observed choice held fixed). Fewer than 2 seeds: NaN bounds.
     """
     if len(values) < 2:
-        nan = np.full(statistic(np.zeros(values.shape[1:])).shape, math.nan)
-        return (statistic(values.mean(0)) if len(values) else nan), nan, nan, nan
+        zeros = np.zeros(values.shape[1:])
+        nan = np.full(statistic(zeros, zeros).shape, math.nan)
+        return (statistic(values.mean(0), values.mean(0)) if len(values) else nan), nan, nan, nan
     n, means = len(values), values.mean(0)
-    observed = statistic(means)
+    observed = statistic(means, means)
     rng = np.random.default_rng(0)
-    boot = statistic(values[rng.integers(0, n, (resamples, n))].mean(1))  # (resamples, k)
+    resampled = values[rng.integers(0, n, (resamples, n))].mean(1)  # (resamples, columns)
+    boot = statistic(resampled, resampled)
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     corrected = 2 * observed - boot.mean(0)
-    per_seed = statistic_per_seed(values, means, statistic)  # (seeds, k)
-    half = t_quantile(n) * per_seed.std(0, ddof=1) / math.sqrt(n)
+    half = t_quantile(n) * statistic(values, means).std(0, ddof=1) / math.sqrt(n)
     return observed, corrected, np.minimum(2 * observed - high, corrected - half), \
         np.maximum(2 * observed - low, corrected + half)
-
-
-def statistic_per_seed(values: np.ndarray, means: np.ndarray, statistic: Callable) -> np.ndarray:
-    """Each seed's value of the statistic with the observed choice held fixed: its row minus the observed best
-    other column (`minus_best_other`), or its value of the observed smallest column (`smallest`)."""
-    if statistic is smallest:
-        return values[:, [int(np.argmin(means))]]
-    return values - values[:, best_other(means)]
 
 
 def compared_on(seeds: pd.DataFrame) -> tuple[list, list]:

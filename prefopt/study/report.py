@@ -75,9 +75,9 @@ def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _interval(mean: pd.Series, lo: pd.Series, hi: pd.Series, corrected: pd.Series | None = None) -> pd.Series:
     """`mean [lo, hi]` (or `mean (corrected) [lo, hi]`) cells of a selection-aware interval; `-` where undefined."""
-    corrected = corrected if corrected is not None else pd.Series([None] * len(mean), index=mean.index)
+    corrected = [math.nan] * len(mean) if corrected is None else corrected
     return pd.Series([
-        "-" if pd.isna(m) else f"{m:+.3f}" + (f" ({c:+.3f})" if c is not None and pd.notna(c) else "")
+        "-" if pd.isna(m) else f"{m:+.3f}" + (f" ({c:+.3f})" if pd.notna(c) else "")
         + (f" [{a:+.3f}, {b:+.3f}]" if pd.notna(a) else "")
         for m, a, b, c in zip(mean, lo, hi, corrected)], index=mean.index)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt.train.builtin import BUILTIN, MODELS, source  # noqa: F401  (BUILTIN re-exported)
+from prefopt.train.builtin import MODELS, source
 
 log = logging.getLogger(__name__)
 

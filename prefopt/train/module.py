@@ -36,7 +36,6 @@ from prefopt.fast.scorer import Scorer, ScoringOptions
 from prefopt.losses import LossConfig
 from prefopt.losses.state import SingleProcess
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
-from prefopt.records import PairLogps
 from prefopt.train.lora import LoraOptions, attach_lora, trainable_keys
 from prefopt.train.builtin import BUILTIN
 from prefopt.train.models import enable_gradient_checkpointing, freeze, load_causal_lm
@@ -212,8 +211,8 @@ class PreferenceModule(L.LightningModule):
         loss = self.loss(record).mean()
         self._check_finite(loss.detach())
         # Step metrics are only written on logging steps (trainer.log_every_n_steps): computed only there.
-        paired = isinstance(record, PairLogps)
-        values = pair_metrics(record, self.loss.reward_scale) if paired and self._logs_this_step() else {}
+        logs = self.loss.paired and self._logs_this_step()
+        values = pair_metrics(record, self.loss.reward_scale) if logs else {}
         values["loss"] = loss.detach()
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")

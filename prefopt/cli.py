@@ -6,7 +6,7 @@ after it, last wins: `--config experiments/dpo.yaml --config my_overrides.yaml`.
 another base file.
 
 Values two parts must agree on are linked at parse time, not copied by hand: the tokenizer is the model's, the
-DataModule's paired/unpaired mode follows the loss's metadata, its batch layout follows the scorer's
+DataModule's paired/unpaired mode and whether it reads the responses' scores follow the loss's metadata, its batch layout follows the scorer's
 (`model.scoring.share_prompt`), and the data seed is the run's seed (so a seed redraws the built-in task's
 preference pairs as well as the initialization order). A loss that reads a record field the scoring settings cannot
 produce is refused here too, before anything loads.
@@ -24,7 +24,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from prefopt.train.data import PreferenceDataModule
-from prefopt.fast.scorer import check_config
+from prefopt.fast.scorer import FROM_DATA, check_config
 from prefopt.losses import LossConfig
 from prefopt.train.builtin import BUILTIN
 from prefopt.train.module import PreferenceModule
@@ -51,6 +51,10 @@ def run_name(loss: LossConfig, seed: int | None, dataset: str = BUILTIN, model: 
 
 def _unpaired(loss: LossConfig) -> bool:
     return not loss.paired
+
+
+def _reads_scores(loss: LossConfig) -> bool:
+    return bool(loss.reads & set(FROM_DATA))
 
 
 def _short(source: str) -> str:
@@ -123,6 +127,7 @@ class PrefoptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("model.loss", "data.unpaired", compute_fn=_unpaired)
+        parser.link_arguments("model.loss", "data.scores", compute_fn=_reads_scores)  # ODPO, ties, ...: the data's scores
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("model.scoring.share_prompt", "data.share_prompt")  # the scorer owns the layout
 

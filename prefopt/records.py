@@ -5,7 +5,8 @@ loss, and hands them to the loss function. A loss never calls a model: it is a p
 and its float hyperparameters.
 
 Conventions (docs/loss_pitfalls.md, 'Notation'):
-- a `*_logps` field is the *sum* over completion tokens of log pi(y_t | x, y_<t); the prompt is excluded;
+- a `*_logps` field is the *sum* over completion tokens of log pi(y_t | x, y_<t); the prompt is excluded
+  (`policy_prompt_logps`, the prompt's own sum, is the exception);
 - a `*_lengths` field is the completion token count |y| as a float tensor (a loss that wants averages
   divides by it);
 - `*_shared_logps` is the same sum restricted to the first min(|y_w|, |y_l|) completion tokens of the pair
@@ -44,6 +45,36 @@ class PairLogps:
     # a scalar tensor. BCO's reward shift is beta times this. Filled by the loss's running state
     # (`prefopt.losses.state`), not by the scorer.
     running_logratio_mean: Tensor | None = None
+    # Exponential moving averages (over training steps, from 0) of a training batch's mean and standard deviation of a
+    # pair margin over all ranks: of h = r_w - r_l (`margin_ema_*`: beta-DPO's threshold M_0 = beta * mean and its
+    # filter's spread) and of r_w/|y_w| - r_l/|y_l| (`avg_margin_ema_*`: alpha-DPO's normalization). Detached scalars,
+    # filled by the loss's running state (`prefopt.losses.state.MarginMoments`).
+    margin_ema_mean: Tensor | None = None
+    margin_ema_std: Tensor | None = None
+    avg_margin_ema_mean: Tensor | None = None
+    avg_margin_ema_std: Tensor | None = None
+    # (B,) bool: the pairs a loss's running filter keeps this training step (beta-DPO's Gaussian filter,
+    # `prefopt.losses.state.GaussianPairFilter`); None keeps every pair (validation).
+    kept_pairs: Tensor | None = None
+    # The data's scalar score of each response, not a log-prob: the built-in task's exact gold reward, or a dataset's
+    # score columns (`data.columns`: chosen_score, rejected_score). Read by the losses that use reward values (ODPO,
+    # reward-aware PO, DPO with ties); no gradient.
+    chosen_scores: Tensor | None = None
+    rejected_scores: Tensor | None = None
+    # Per-token quantities beyond the label log-probs (`prefopt.logps.token_fields`), each filled only when a loss
+    # reads it. WPO's aligned sums, detached: sum over completion tokens of log pi(y_t|.) - log sum_v pi(v|.)^2.
+    policy_chosen_aligned_logps: Tensor | None = None
+    policy_rejected_aligned_logps: Tensor | None = None
+    # SamPO's down-sampled sums: over a fixed pseudo-random subset of min(|y_w|, |y_l|) completion tokens of each
+    # response, the same tokens for policy and reference (`prefopt.logps.sampled_mask`, keyed by the example index).
+    policy_chosen_sampled_logps: Tensor | None = None
+    policy_rejected_sampled_logps: Tensor | None = None
+    ref_chosen_sampled_logps: Tensor | None = None
+    ref_rejected_sampled_logps: Tensor | None = None
+    # The prompt's summed log-prob under the policy (tokens 2..|x|, each given its prefix; with gradient) and its count
+    # |x| - 1 (the first token predicts nothing): ORPO's NLL over prompt and completion, as TRL and its authors' code.
+    policy_prompt_logps: Tensor | None = None
+    prompt_lengths: Tensor | None = None
 
     def replace(self, **changes: Tensor | None) -> PairLogps:
         return dataclasses.replace(self, **changes)

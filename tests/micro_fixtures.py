@@ -40,7 +40,8 @@ def save_micro_model(directory: Path, seed: int = 0) -> Path:
 
 
 def write_micro_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
-    """Pairs whose chosen completion has more positive words (jsonl: prompt, chosen, rejected)."""
+    """Pairs whose chosen completion has more positive words (jsonl: prompt, chosen, rejected, and the scores
+    chosen_score / rejected_score: positive minus negative words, read by the losses that use scores)."""
     rng = random.Random(seed)
     pos, neg, neutral = WORDS[:4], WORDS[4:8], WORDS[8:12]
     rows = []
@@ -48,7 +49,9 @@ def write_micro_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
         topic = rng.choice(["film", "book"])
         good = [rng.choice(pos + neutral) for _ in range(rng.randint(2, 6))]
         bad = [rng.choice(neg + neutral) for _ in range(rng.randint(2, 6))]
-        rows.append({"prompt": f"{topic} :", "chosen": " ".join(good), "rejected": " ".join(bad)})
+        score = lambda words: float(sum(w in pos for w in words) - sum(w in neg for w in words))  # noqa: E731
+        rows.append({"prompt": f"{topic} :", "chosen": " ".join(good), "rejected": " ".join(bad),
+                     "chosen_score": score(good), "rejected_score": score(bad)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

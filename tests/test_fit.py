@@ -109,8 +109,9 @@ def test_cached_reference_logps_give_the_same_loss_as_a_live_reference(micro_bas
     dm = PreferenceDataModule(dataset=_micro_data_path(micro_base), tokenizer=module.hparams.model, batch_size=4)
     dm.setup("fit")
     table, path, was_cached = load_or_compute(module.reference, dm.train_examples, dm.collate_pairs, tmp_path)
-    assert not was_cached and path.is_file() and set(table) == {"ref_chosen_logps", "ref_rejected_logps",
-                                                                 "ref_chosen_shared_logps", "ref_rejected_shared_logps"}
+    assert not was_cached and path.is_file() and set(table) == {
+        "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps",
+        "ref_chosen_sampled_logps", "ref_rejected_sampled_logps"}  # the sampled sums: SamPO's
     assert load_or_compute(module.reference, dm.train_examples, dm.collate_pairs, tmp_path)[2], "read from the file"
     batch = dm.collate_pairs(dm.train_examples[5:9])  # not the first rows: the index must select them
     assert batch["index"].tolist() == [5, 6, 7, 8] and module.scorer.live_reference

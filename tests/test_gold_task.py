@@ -330,3 +330,31 @@ def test_callback_logs_both_prompt_sets_and_skips_the_sanity_check(reference):
     callback.on_validation_epoch_end(trainer, module)
     assert len(logged) == 18
     assert {"val/gold/gold_reward", "val/gold_heldout/frontier_gap", "val/gold/sampled_kl"} <= set(logged)
+
+
+def test_best_of_n_is_exact_below_the_textbook_bound_and_the_frontier():
+    """N = 1 is the base; the exact KL sits below log N - (N-1)/N (levels are shared by many responses) and its reward
+    below the frontier's at the same KL, the best any policy can do there; both grow with N."""
+    import math
+
+    import numpy as np
+
+    from prefopt.gold.task import base_mean_reward, best_of_n_curve, frontier_reward_at_kl
+
+    ns = [1, 2, 4, 16, 64, 256]
+    kl, reward = best_of_n_curve(ns)
+    assert kl[0] == 0.0 and abs(reward[0] - base_mean_reward()) < 1e-12
+    for n, k, r in zip(ns[1:], kl[1:], reward[1:]):
+        assert 0 < k < math.log(n) - (n - 1) / n
+        assert r < frontier_reward_at_kl(k)
+    assert np.all(np.diff(kl) > 0) and np.all(np.diff(reward) > 0)
+    # two responses: q = F_j^2 - F_{j-1}^2 by hand from the level probabilities
+    from prefopt.gold.task import compositions
+
+    comp = compositions()
+    levels, level = np.unique(np.round(comp.reward, 9), return_inverse=True)
+    p = np.bincount(level, weights=np.exp(comp.log_prob))
+    p = p / p.sum()
+    cdf = np.cumsum(p)
+    q = cdf**2 - np.concatenate([[0.0], cdf[:-1]]) ** 2
+    assert abs(float(q @ levels) - reward[1]) < 1e-12 and abs(float((q * np.log(q / p)).sum()) - kl[1]) < 1e-12

@@ -1,74 +1,30 @@
 """Loss arithmetic: hand-worked values, values at initialization, identities, gradient signs, config errors.
 
 Every expected value is computed on plain Python floats with `math`, from the formula in the loss's paper,
-independently of the implementation. The hand-worked record (3 pairs) is
-
-    logp(y_w) = [-4, -6, -3]   ref_logp(y_w) = [-5, -5, -4]   |y_w| = [2, 3, 1]
-    logp(y_l) = [-5, -5, -8]   ref_logp(y_l) = [-5, -6, -6]   |y_l| = [4, 2, 2]
-
-so r_w = [1, -1, 1], r_l = [0, 1, -2], h = r_w - r_l = [1, -2, 3], logp_w - logp_l = [1, -1, 5],
-avg(y_w) = [-2, -2, -3], avg(y_l) = [-1.25, -2.5, -4], per-token log-ratios r_w/|y_w| = [0.5, -1/3, 1] and
-r_l/|y_l| = [0, 0.5, -1]. The running mean of log-ratios is 0.5. The sequential KLs (TDPO) are D_w = [0.2, 0.5, 0.1]
-and D_l = [0.6, 0.3, 0.4], so D_l - D_w = [0.4, -0.2, 0.3].
+independently of the implementation, on the records of tests/loss_records.py (the hand-worked record is written out
+there). The losses added after the first 27 keep their cases beside their own tests (`FAMILIES` below); every
+registered name must have a hand-worked value, a value at initialization and gradient signs.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from loss_records import (  # noqa: F401
+    AVG_L, AVG_W, D_GAP, H, H_AVG, L, LL, LN2, LW, LW0, LL0, MPO, PL, PW, R_L, R_W, RL, RW, _const, hand_pairs,
+    hand_rows, init_pairs, init_rows, sig, t,
+)
 
 from prefopt.losses import LOSSES, LossConfig, loss_names
 from prefopt.records import PairLogps, UnpairedLogps
 
-LN2 = math.log(2)
-PW, PL, RW, RL = [-4.0, -6.0, -3.0], [-5.0, -5.0, -8.0], [-5.0, -5.0, -4.0], [-5.0, -6.0, -6.0]
-LW, LL = [2.0, 3.0, 1.0], [4.0, 2.0, 2.0]
-R_W = [p - r for p, r in zip(PW, RW)]  # [1, -1, 1]
-R_L = [p - r for p, r in zip(PL, RL)]  # [0, 1, -2]
-H = [w - l for w, l in zip(R_W, R_L)]  # [1, -2, 3]
-AVG_W = [p / n for p, n in zip(PW, LW)]  # [-2, -2, -3]
-AVG_L = [p / n for p, n in zip(PL, LL)]  # [-1.25, -2.5, -4]
-D_W, D_L = [0.2, 0.5, 0.1], [0.6, 0.3, 0.4]
-D_GAP = [dl - dw for dw, dl in zip(D_W, D_L)]  # [0.4, -0.2, 0.3]
-H_AVG = [rw / nw - rl / nl for rw, rl, nw, nl in zip(R_W, R_L, LW, LL)]  # [0.5, -5/6, 2]
-MPO = {"terms": [{"name": "dpo", "weight": 0.8, "beta": 0.1}, {"name": "bco", "weight": 0.2, "beta": 0.1},
-                 {"name": "sft", "weight": 1.0}]}
-
-
-def sig(z: float) -> float:
-    return 1 / (1 + math.exp(-z))
-
-
-def L(z: float) -> float:  # -log sigmoid(z)
-    return math.log1p(math.exp(-z))
-
-
-def t(xs: list[float], grad: bool = False) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float64, requires_grad=grad)
-
-
-def hand_pairs(grad: bool = False) -> PairLogps:
-    """The record above; shared sums cover the first min(|y_w|, |y_l|) = [2, 2, 1] tokens."""
-    return PairLogps(
-        policy_chosen_logps=t(PW, grad), policy_rejected_logps=t(PL, grad),
-        chosen_lengths=t(LW), rejected_lengths=t(LL),
-        ref_chosen_logps=t(RW), ref_rejected_logps=t(RL),
-        policy_chosen_shared_logps=t([-4.0, -4.0, -3.0]), policy_rejected_shared_logps=t([-2.0, -5.0, -5.0]),
-        ref_chosen_shared_logps=t([-5.0, -3.5, -4.0]), ref_rejected_shared_logps=t([-3.0, -6.0, -2.0]),
-        chosen_seq_kl=t(D_W), rejected_seq_kl=t(D_L),
-        running_logratio_mean=torch.tensor(0.5, dtype=torch.float64),
-    )
-
-
-def hand_rows(grad: bool = False) -> UnpairedLogps:
-    """r = [1, -1, 1], desirable = [yes, no, yes]; mismatched rows' r = [0.6, 0.3, 0.6], so z0 = 0.5."""
-    return UnpairedLogps(
-        policy_logps=t(PW, grad), lengths=t(LW), desirable=torch.tensor([True, False, True]), ref_logps=t(RW),
-        policy_kl_logps=t([-7.0, -8.0, -6.0], grad), ref_kl_logps=t([-7.6, -8.3, -6.6]),
-    )
+# tests/cases_<family>.py: the HAND and INIT cases of each later loss family.
+CASE_MODULES = sorted(p.stem for p in Path(__file__).parent.glob("cases_*.py"))
 
 
 def _exo(z: float, eps: float) -> float:
@@ -155,36 +111,6 @@ def test_extra_hand_worked_options() -> None:
     torch.testing.assert_close(no_shift, t([L(w) + L(-l) for w, l in zip(R_W, R_L)]))
 
 
-# ---------------------------------------------------------------- value at initialization (policy = reference)
-LW0, LL0 = [4.0, 5.0, 6.0], [3.0, 2.0, 4.0]  # every token has log-prob -1: logp = -|y|, avg = -1
-
-
-def init_pairs(grad: bool = False) -> PairLogps:
-    pw, pl = [-n for n in LW0], [-n for n in LL0]
-    shared = [-min(a, b) for a, b in zip(LW0, LL0)]
-    return PairLogps(
-        policy_chosen_logps=t(pw, grad), policy_rejected_logps=t(pl, grad),
-        chosen_lengths=t(LW0), rejected_lengths=t(LL0),
-        ref_chosen_logps=t(pw), ref_rejected_logps=t(pl),
-        policy_chosen_shared_logps=t(shared), policy_rejected_shared_logps=t(shared),
-        ref_chosen_shared_logps=t(shared), ref_rejected_shared_logps=t(shared),
-        chosen_seq_kl=t([0.0] * 3), rejected_seq_kl=t([0.0] * 3),  # the policy is the reference: no KL
-        running_logratio_mean=torch.tensor(0.0, dtype=torch.float64),
-    )
-
-
-def init_rows(grad: bool = False) -> UnpairedLogps:
-    logps = [-n for n in LW0]
-    return UnpairedLogps(
-        policy_logps=t(logps, grad), lengths=t(LW0), desirable=torch.tensor([True, False, True]), ref_logps=t(logps),
-        policy_kl_logps=t([-3.0, -7.0, -2.0]), ref_kl_logps=t([-3.0, -7.0, -2.0]),
-    )
-
-
-def _const(value: float) -> Callable[[], list[float]]:
-    return lambda: [value] * 3
-
-
 EPS_EXO = 1e-3
 # name -> (hyperparameters, expected values at init, h = r = 0); the formula's value there, or the data-dependent value
 INIT: dict[str, tuple[dict, Callable[[], list[float]]]] = {
@@ -240,6 +166,17 @@ CHOSEN_SIGN_EXEMPT = {
     "discopop": "non-monotone near h = 0: its derivative there is m'(0)(1 - ln 2) - 3/4 > 0 for tau = 0.05",
 }
 REJECTED_SIGN_EXEMPT = {"sft": "ignores the rejected response", "discopop": CHOSEN_SIGN_EXEMPT["discopop"]}
+
+
+# The loss families added later keep their cases beside their tests: each module has HAND and INIT dicts like the ones
+# above, and may exempt a loss from the gradient-sign rule (CHOSEN_SIGN_EXEMPT, REJECTED_SIGN_EXEMPT), with the reason.
+FAMILIES = [importlib.import_module(m) for m in CASE_MODULES]
+for _family in FAMILIES:
+    for _mine, _theirs in ((HAND, "HAND"), (INIT, "INIT"), (CHOSEN_SIGN_EXEMPT, "CHOSEN_SIGN_EXEMPT"),
+                           (REJECTED_SIGN_EXEMPT, "REJECTED_SIGN_EXEMPT")):
+        _clash = set(_mine) & set(getattr(_family, _theirs, {}))
+        assert not _clash, f"{_family.__name__}.{_theirs} repeats {sorted(_clash)}"
+        _mine.update(getattr(_family, _theirs, {}))
 
 
 @pytest.mark.parametrize("name", loss_names())

@@ -19,7 +19,8 @@ token predicts both first tokens, with different labels), l_j (j >= 1) by positi
 (2B, L) per-token layout (chosen rows then rejected rows, completions left-aligned), with a matching completion mask
 whose column 0 is 0, so `prefopt.logps.pair_logps` reads it unchanged.
 
-The LM head runs only at the C + R predicting positions, not on prompt positions or padding.
+The LM head runs only at the C + R predicting positions, not on prompt positions (unless a loss reads the prompt's
+log-probs: ORPO's NLL as TRL computes it) or padding.
 
 Rows hold one pair each. Packing several pairs into a row (block-diagonal attention) was measured at batch 8, max
 length 128 (benchmarks/): it removed almost no padding (pairs of 71-183 tokens rarely share a row of the longest
@@ -41,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prefopt.fast.head import decoder_and_head, label_logps_from_hidden
-from prefopt.logps import to_slots
+from prefopt.fast.head import decoder_and_head, label_scores
+from prefopt.logps import TokenScores, to_slots
 
 
 def shared_row_length(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
@@ -61,7 +62,9 @@ def collate_shared_pairs(
     completions left-aligned): completion_mask (2B, L + 1), 1 on columns 1..C (chosen rows) or 1..R (rejected rows)
     and 0 in column 0, so that completion_mask[:, 1:] marks the (2B, L) label slots as in `prefopt.logps`; and, in
     the row-major order of those slots, pred_index (n,) into the flattened (B * T) positions and labels (n,); and
-    read_rows, the distinct positions of pred_index, sorted (the last prompt token predicts both first tokens).
+    read_rows, the distinct positions of pred_index, sorted (the last prompt token predicts both first tokens); and for
+    the prompt's own log-probs: prompt_mask (B, max |x|), 1 on each prompt's tokens, and, in the row-major order of its
+    label slots prompt_mask[:, 1:], prompt_pred_index and prompt_labels.
     """
     b = len(prompts)
     chosen_in, rejected_in = [c[:-1] for c in chosen], [r[:-1] for r in rejected]  # the eos predicts nothing
@@ -83,6 +86,10 @@ def collate_shared_pairs(
         first = [n_p - 1] if rejected[i] else []
         rejected_pred.append(i * width + torch.tensor(first + list(range(n_p + k_c, n)), dtype=torch.long))
     pred_index = torch.cat(chosen_pred + rejected_pred)
+    # The prompt's own labels x_1 .. x_{P-1}, predicted by positions 0 .. P-2 (read only for ORPO's prompt NLL).
+    prompt_width = max(map(len, prompts))
+    prompt_mask = torch.tensor([[1] * len(p) + [0] * (prompt_width - len(p)) for p in prompts], dtype=torch.long)
+    prompt_pred = [i * width + torch.arange(max(len(p) - 1, 0)) for i, p in enumerate(prompts)]
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -91,6 +98,9 @@ def collate_shared_pairs(
         "pred_index": pred_index,
         "read_rows": pred_index.unique(),
         "labels": torch.tensor([t for c in chosen for t in c] + [t for r in rejected for t in r], dtype=torch.long),
+        "prompt_mask": prompt_mask,
+        "prompt_pred_index": torch.cat(prompt_pred).long(),
+        "prompt_labels": torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long),
     }
 
 
@@ -179,21 +189,23 @@ def _trimmed_forward(self: nn.Module, hidden_states: Tensor, read_rows: Tensor |
     return flat.index_copy(0, read_rows, read).view_as(hidden_states)  # unread rows: the MLP's input, unused
 
 
-def _predicting(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Linear | None]:
-    """The forward of a prompt-shared batch up to its n predicting positions (pred_index order): their last hidden
-    states (n, H) and the LM head, or, for a model whose logits are more than head(hidden), their logits (n, V) and
-    None. The trimmed last layer (`trim_last_layer`) is given the rows to compute."""
+def _predicting(model: nn.Module, batch: dict[str, Tensor], prompt: bool = False) -> tuple[Tensor, nn.Linear | None]:
+    """The forward of a prompt-shared batch up to its n predicting positions (pred_index order, then with `prompt` the
+    prompt_pred_index ones): their last hidden states (n, H) and the LM head, or, for a model whose logits are more
+    than head(hidden), their logits (n, V) and None. The trimmed last layer (`trim_last_layer`) is given the rows to
+    compute."""
     dtype = next(model.parameters()).dtype
     inputs = {"input_ids": batch["input_ids"], "attention_mask": _mask_for(model, batch, dtype),
               "position_ids": batch["position_ids"]}
+    index = torch.cat([batch["pred_index"], batch["prompt_pred_index"]]) if prompt else batch["pred_index"]
     parts = decoder_and_head(model)
     if parts is None:  # extra logit processing: full logits, then pick the predicting positions
-        return model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["pred_index"]], None
+        return model(**inputs, use_cache=False).logits.flatten(0, 1)[index], None
     decoder, head = parts
     if _is_trimmed(decoder):
-        inputs["read_rows"] = batch["read_rows"]
+        inputs["read_rows"] = index.unique() if prompt else batch["read_rows"]
     hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    return hidden.flatten(0, 1)[batch["pred_index"]], head
+    return hidden.flatten(0, 1)[index], head
 
 
 def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
@@ -202,18 +214,24 @@ def shared_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: i
     `pair_logps(shared_token_logps(model, batch), batch["completion_mask"])` is then the usual record.
     `chunk_size`: rows of the LM head computed at a time (`prefopt.fast.head.label_logps_from_hidden`).
     """
-    picked, head = _predicting(model, batch)
-    if head is None:
-        logits = picked.float()
-        values = torch.gather(logits, 1, batch["labels"][:, None]).squeeze(1) - logits.logsumexp(-1)
-    else:
-        values = label_logps_from_hidden(picked, head.weight, batch["labels"], head.bias, chunk_size)  # (n,)
-    return to_slots(values, batch["completion_mask"])  # row-major order of the slots = the order of pred_index
+    return shared_token_scores(model, batch, chunk_size).logps
 
 
-def shared_token_distributions(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(per-token log-probs (2B, L) as `shared_token_logps`, next-token log-softmax (n, V) at the n completion slots
-    in their row-major order): the full distributions that a loss reading a per-token KL needs."""
-    picked, head = _predicting(model, batch)
-    logprobs = torch.log_softmax((picked if head is None else head(picked)).float(), -1)  # (n, V)
-    return to_slots(logprobs.gather(1, batch["labels"][:, None]).squeeze(1), batch["completion_mask"]), logprobs
+def shared_token_scores(
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None, *, distribution: bool = False,
+    collision: bool = False, prompt: bool = False,
+) -> TokenScores:
+    """`TokenScores` of a prompt-shared batch, in the standard per-token layout of batch["completion_mask"][:, 1:]:
+    the full next-token distributions with `distribution` (a per-token KL), WPO's log sum_v p_v^2 with `collision`,
+    and with `prompt` each pair's prompt log-probs (its predicting positions are read as well)."""
+    picked, head = _predicting(model, batch, prompt)
+    n, mask = batch["pred_index"].shape[0], batch["completion_mask"]
+    values, logprobs, coll = label_scores(picked[:n], head, batch["labels"], chunk_size, distribution=distribution,
+                                          collision=collision)
+    # the row-major order of the slots is the order of pred_index
+    scores = TokenScores(to_slots(values, mask), logprobs, None if coll is None else to_slots(coll, mask))
+    if prompt:
+        values, _, _ = label_scores(picked[n:], head, batch["prompt_labels"], chunk_size)
+        scores.prompt_logps = to_slots(values, batch["prompt_mask"]).sum(-1)
+        scores.prompt_lengths = batch["prompt_mask"][:, 1:].sum(-1).to(torch.float32)
+    return scores

@@ -1,9 +1,11 @@
 """Reference log-probs computed once per (reference weights, tokenized data) and reused from disk.
 
 The frozen reference gives the same log-probs for the same tokens in every run, so a grid of many losses, betas and
-training seeds over one pair set needs them once. The table holds, per training pair (in `train_examples` order), the reference's summed
-completion log-probs of chosen and rejected and their sums over the shared prefix (LD-DPO), each under the name of
-the record field it fills (`FIELDS`), (N,) float64: the scorer reads a batch's rows by its examples' `index`.
+training seeds over one pair set needs them once. The table holds, per training pair (in `train_examples` order), the
+reference's summed completion log-probs of chosen and rejected, their sums over the shared prefix (LD-DPO) and over
+SamPO's down-sample (`prefopt.logps.sampled_mask`, keyed by the example's index: a pair's subset is the same in every
+run), each under the name of the record field it fills (`FIELDS`), (N,) float64: the scorer reads a batch's rows by
+its examples' `index`.
 
 The cache key is a hash of the reference's weights and of the tokenized examples (every id list, in order), so a
 changed model, tokenizer, truncation or pair set can never read a stale table. Files are written atomically, so a
@@ -26,15 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefopt.logps import forward_logits, pair_logps, token_logps
+from prefopt.logps import TokenScores, forward_logits, pair_logps, token_fields, token_logps
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: SamPO's down-sampled sums joined the table
 # record field filled from the table -> the field of a record scored with the reference in the policy's seat
 FIELDS = {"ref_chosen_logps": "policy_chosen_logps", "ref_rejected_logps": "policy_rejected_logps",
           "ref_chosen_shared_logps": "policy_chosen_shared_logps",
-          "ref_rejected_shared_logps": "policy_rejected_shared_logps"}
+          "ref_rejected_shared_logps": "policy_rejected_shared_logps",
+          "ref_chosen_sampled_logps": "policy_chosen_sampled_logps",
+          "ref_rejected_sampled_logps": "policy_rejected_sampled_logps"}
 
 
 def default_cache_dir() -> Path:
@@ -71,8 +75,11 @@ def compute_reference_logps(
     parts: dict[str, list[Tensor]] = {name: [] for name in FIELDS}
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        tokens = token_logps(forward_logits(reference, batch), batch["input_ids"], batch["completion_mask"])
-        lp = pair_logps(tokens, batch["completion_mask"])  # the reference in the policy's seat
+        mask = batch["completion_mask"]
+        tokens = token_logps(forward_logits(reference, batch), batch["input_ids"], mask)
+        keys = batch.get("index", torch.arange(start, start + mask.shape[0] // 2, device=device))  # = train position
+        lp = pair_logps(tokens, mask)  # the reference in the policy's seat
+        lp = lp.replace(**token_fields(mask, TokenScores(tokens), sample_keys=keys))
         for name, seat in FIELDS.items():
             parts[name].append(getattr(lp, seat))
     return {name: torch.cat(values).double().cpu() for name, values in parts.items()}

@@ -8,7 +8,10 @@ switches are one config group, `model.scoring` (`ScoringOptions`); none changes 
 (`tests/test_speed_levers.py` compares each with the plain path).
 
 A loss declares the record fields it reads (`LossConfig.reads`); `check_fields` refuses, before any model loads, a
-loss that reads a field these settings cannot produce, naming the loss, the field and the setting to change.
+loss that reads a field these settings cannot produce, naming the loss, the field and the setting to change. Fields
+beyond the sums are computed only for a loss that reads them: the per-token KL (both models' full distributions:
+no chunked head, no cache), and WPO's aligned sums, SamPO's down-sampled sums and ORPO's prompt sums, which every
+layout and head produces and the cache holds where they are the reference's (`tests/test_token_fields.py`).
 """
 
 from __future__ import annotations
@@ -20,17 +23,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefopt.fast.head import completion_token_logps, decoder_and_head
-from prefopt.fast.prefix_sharing import shared_token_distributions, shared_token_logps, trim_last_layer
+from prefopt.fast.head import decoder_and_head, head_token_scores
+from prefopt.fast.prefix_sharing import shared_token_scores, trim_last_layer
 from prefopt.losses import LossConfig
-from prefopt.logps import forward_logits, pair_logps, sequence_kl, token_kl, token_logps, unpaired_logps
+from prefopt.logps import (
+    TokenScores, forward_logits, pair_logps, scores_from_logits, sequence_kl, token_fields, token_kl, unpaired_logps,
+)
 from prefopt.records import PairLogps, UnpairedLogps
 
+# Per-token quantities beyond the label log-probs (`prefopt.logps.token_fields`), computed only when a loss reads
+# them, in every layout and with every LM head: WPO's aligned sums, SamPO's down-sampled sums, ORPO's prompt sums.
+ALIGNED = frozenset({"policy_chosen_aligned_logps", "policy_rejected_aligned_logps"})
+SAMPLED = frozenset({"policy_chosen_sampled_logps", "policy_rejected_sampled_logps", "ref_chosen_sampled_logps",
+                     "ref_rejected_sampled_logps"})
+PROMPT = frozenset({"policy_prompt_logps", "prompt_lengths"})
 # The fields a scorer can produce, by batch kind; DISTRIBUTION fields need both models' full next-token logits.
 PAIR_FIELDS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths",
                          "policy_chosen_shared_logps", "policy_rejected_shared_logps", "ref_chosen_logps",
-                         "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps"})
+                         "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps"}
+                        ) | ALIGNED | SAMPLED | PROMPT
 DISTRIBUTION = frozenset({"chosen_seq_kl", "rejected_seq_kl"})
+# Fields the data carries as they are (no model involved): record field -> batch key (`data.scores` puts them there).
+FROM_DATA = {"chosen_scores": "chosen_score", "rejected_scores": "rejected_score"}
 UNPAIRED_FIELDS = frozenset({"policy_logps", "lengths", "desirable", "ref_logps", "policy_kl_logps", "ref_kl_logps"})
 REFERENCE_FIELDS = frozenset(f for f in PAIR_FIELDS | UNPAIRED_FIELDS if f.startswith("ref_")) | DISTRIBUTION
 
@@ -82,7 +96,7 @@ class ScoringOptions:
 def check_fields(options: ScoringOptions, loss: LossConfig) -> None:
     """Refuse a loss that reads a record field that these settings (or its declared state) cannot produce."""
     from_state = {f for factory in loss.state for f in getattr(factory, "fields", ())}
-    producible = (PAIR_FIELDS | DISTRIBUTION) if loss.paired else UNPAIRED_FIELDS
+    producible = (PAIR_FIELDS | DISTRIBUTION | set(FROM_DATA)) if loss.paired else UNPAIRED_FIELDS
     for field in sorted(loss.reads - from_state):
         if field not in producible:
             kind = "paired" if loss.paired else "unpaired"
@@ -107,6 +121,8 @@ class Scorer:
         self.paired = loss.paired
         self.with_reference = bool(loss.reads & REFERENCE_FIELDS)
         self.distribution = bool(loss.reads & DISTRIBUTION)
+        self.collision, self.samples, self.prompt = (bool(loss.reads & f) for f in (ALIGNED, SAMPLED, PROMPT))
+        self.from_data = {f: key for f, key in FROM_DATA.items() if f in loss.reads}
         # The cache holds the reference's sums: a loss reading its full distribution needs a live forward anyway.
         self.caches_reference = options.reference_cache and self.paired and self.with_reference and not self.distribution
         self._table: dict[str, Tensor] | None = None
@@ -140,52 +156,64 @@ class Scorer:
     def score(self, policy: nn.Module, reference: nn.Module | None, batch: dict[str, Tensor]) -> PairLogps | UnpairedLogps:
         """The training record; `reference` is used only when `live_reference` (no gradient through it)."""
         mask = batch["completion_mask"]
-        policy_tokens, policy_dist = self._tokens(policy, batch)
-        ref_tokens = ref_dist = None
+        mine = self._tokens(policy, batch, policy=True)
+        ref = None
         if self.live_reference:
             with torch.no_grad():
-                ref_tokens, ref_dist = self._tokens(reference, batch)
+                ref = self._tokens(reference, batch, policy=False)
+        ref_tokens = None if ref is None else ref.logps
         if not self.paired:
-            return unpaired_logps(policy_tokens, mask, batch["desirable"], ref_tokens)
-        record = pair_logps(policy_tokens, mask, ref_tokens)
+            return unpaired_logps(mine.logps, mask, batch["desirable"], ref_tokens)
+        record = pair_logps(mine.logps, mask, ref_tokens)
+        record = record.replace(**token_fields(mask, mine, ref_tokens, self._sample_keys(batch)))
         if self.with_reference and self._table is not None:
             index = batch["index"]
             if next(iter(self._table.values())).device != index.device:  # once: the table follows the batches
                 self._table = {k: v.to(index.device) for k, v in self._table.items()}
             record = record.replace(**{k: v[index] for k, v in self._table.items()})
         if self.distribution:
-            record = _with_sequence_kl(record, ref_dist, policy_dist, mask)
-        return record
+            record = _with_sequence_kl(record, ref.logprobs, mine.logprobs, mask)
+        return self._with_data(record, batch)
 
-    def _tokens(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Per-token completion log-probs (N, L) and, when a loss reads a per-token KL, the log-softmax (n, V) at the
-        n completion slots (row-major order)."""
-        chunk = self.options.logps_chunk_size
+    def _tokens(self, model: nn.Module, batch: dict[str, Tensor], policy: bool) -> TokenScores:
+        """Per-token completion log-probs (N, L) and what the loss reads beyond them: both models' next-token
+        distributions (a per-token KL), the policy's log sum_v p_v^2 (WPO) and prompt log-probs (ORPO as TRL)."""
+        chunk, wants = self.options.logps_chunk_size, {"collision": self.collision and policy,
+                                                       "prompt": self.prompt and policy}
         if self.shares_prompt:
-            if self.distribution:
-                return shared_token_distributions(model, batch)
-            return shared_token_logps(model, batch, chunk), None
+            return shared_token_scores(model, batch, chunk, distribution=self.distribution, **wants)
         if chunk is not None:  # check_fields keeps distribution-reading losses off this path
-            return completion_token_logps(model, batch, chunk), None
-        logits = forward_logits(model, batch)
-        tokens = token_logps(logits, batch["input_ids"], batch["completion_mask"])
-        if not self.distribution:
-            return tokens, None
-        return tokens, torch.log_softmax(logits[:, :-1][batch["completion_mask"][:, 1:].bool()].float(), -1)
+            return head_token_scores(model, batch, chunk, **wants)
+        return scores_from_logits(forward_logits(model, batch), batch, distribution=self.distribution, **wants)
+
+    def _sample_keys(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """SamPO's per-pair keys: the training pairs' example index (what the reference cache is keyed by), or, in
+        batches without one (validation), the pair's position in its batch; None when no loss reads the fields."""
+        if not self.samples:
+            return None
+        keys = batch.get("index")
+        return keys if keys is not None else torch.arange(batch["completion_mask"].shape[0] // 2,
+                                                          device=batch["completion_mask"].device)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor]) -> tuple[PairLogps, Tensor, Tensor]:
         """Validation, the same plain path for every loss (pairs, full logits of both models): the record, and the
         exact KL over the vocabulary summed over completion tokens, with the number of those tokens."""
-        ids, mask = batch["input_ids"], batch["completion_mask"]
+        mask = batch["completion_mask"]
         policy_logits, ref_logits = forward_logits(policy, batch), forward_logits(reference, batch)
-        record = pair_logps(token_logps(policy_logits, ids, mask), mask, token_logps(ref_logits, ids, mask))
+        mine = scores_from_logits(policy_logits, batch, distribution=self.distribution, collision=self.collision,
+                                  prompt=self.prompt)
+        ref = scores_from_logits(ref_logits, batch, distribution=self.distribution)
+        record = pair_logps(mine.logps, mask, ref.logps)
+        record = record.replace(**token_fields(mask, mine, ref.logps, self._sample_keys(batch)))
         if self.distribution:
-            slots = mask[:, 1:].bool()
-            pick = lambda logits: torch.log_softmax(logits[:, :-1][slots].float(), -1)  # noqa: E731
-            record = _with_sequence_kl(record, pick(ref_logits), pick(policy_logits), mask)
+            record = _with_sequence_kl(record, ref.logprobs, mine.logprobs, mask)
         kl_sum, tokens = token_kl(policy_logits, ref_logits, mask)
-        return record, kl_sum, tokens
+        return self._with_data(record, batch), kl_sum, tokens
+
+    def _with_data(self, record: PairLogps, batch: dict[str, Tensor]) -> PairLogps:
+        """The record with the fields the data carries (the responses' scores) that the loss reads."""
+        return record.replace(**{f: batch[key] for f, key in self.from_data.items()}) if self.from_data else record
 
 
 def _with_sequence_kl(record: PairLogps, ref: Tensor, policy: Tensor, mask: Tensor) -> PairLogps:

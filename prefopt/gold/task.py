@@ -223,6 +223,27 @@ def frontier_curve(bs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.nda
     return kl.reshape(b.shape), reward.reshape(b.shape)
 
 
+def best_of_n_curve(ns: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (KL, E[R]) of best-of-N sampling from pi_base for each N >= 1 (ties broken at random).
+
+    With the reward levels r_1 < ... < r_m, p_j = P_base(R = r_j) and F_j = p_1 + ... + p_j, best-of-N lands on level j
+    with probability q_j = F_j^N - F_{j-1}^N and, within a level, follows pi_base; so KL(bon || pi_base) =
+    sum_j q_j log(q_j / p_j) and E[R] = sum_j q_j r_j. The textbook log N - (N - 1)/N is only an upper bound on it
+    (equal when every response has its own reward).
+    """
+    comp = compositions()
+    levels, level = np.unique(np.round(comp.reward, 9), return_inverse=True)  # 3(n_pos - n_neg)/L: exact rationals
+    p = np.bincount(level, weights=np.exp(comp.log_prob), minlength=len(levels))
+    cdf = np.minimum(np.cumsum(p) / p.sum(), 1.0)
+    below = np.concatenate([[0.0], cdf[:-1]])
+    n = np.asarray(ns, dtype=np.float64).reshape(-1, 1)  # (k, 1)
+    if np.any(n < 1):
+        raise ValueError("every N must be >= 1")
+    q = cdf**n - below**n  # (k, m)
+    kl = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0) / p), 0.0).sum(axis=1)
+    return np.maximum(kl, 0.0).reshape(np.shape(ns)), (q @ levels).reshape(np.shape(ns))
+
+
 def frontier_point(b: float) -> tuple[float, float]:
     """(KL*, E*[R]) at temperature b; for DPO with label temperature T the target is b = T * beta."""
     kl, reward = frontier_curve([b])

@@ -5,7 +5,10 @@ The catalog, generated from the registry, is docs/losses.md (`python -m prefopt.
 """
 
 # Importing the loss modules registers their losses.
-from prefopt.losses import composite, paired, per_response, reference_free, token_level, unpaired  # noqa: F401
+from prefopt.losses import (  # noqa: F401
+    adaptive, composite, margin_functions, paired, per_response, reference_free, reshaped, scored, token_level,
+    unpaired,
+)
 from prefopt.losses.registry import LOSSES, LossConfig, LossSpec, loss_names, register
 
 __all__ = ["LOSSES", "LossConfig", "LossSpec", "loss_names", "register"]

@@ -8,11 +8,13 @@ tests/test_losses.py fails when the committed page differs from `render()`.
 from __future__ import annotations
 
 import inspect
+import sys
 
-from prefopt.losses import LOSSES
+from prefopt.losses import LOSSES, LossConfig
 from prefopt.losses.options import PAIR_OPTIONS, pair_options
-from prefopt.losses.registry import LossSpec
+from prefopt.losses.registry import BASE_FIELDS, REFERENCE_FIELDS, LossSpec
 from prefopt.losses.schema import Hyperparameter
+from prefopt.records import PairLogps, UnpairedLogps
 
 COMMAND = "python -m prefopt.losses.docs > docs/losses.md"
 
@@ -35,11 +37,41 @@ L(z) = -log sigmoid(z), NLL(y) = -logp(y).
 
 
 def _unique_specs() -> list[LossSpec]:
-    """Each spec once (aliases share one), grouped: with a reference, reference-free, unpaired, hooked (composite)."""
+    """Each spec once (aliases share one), in registration order."""
     seen: dict[str, LossSpec] = {}
     for spec in LOSSES.values():
         seen.setdefault(spec.name, spec)
-    return sorted(seen.values(), key=lambda s: (hasattr(s.fn, "paired"), not s.paired, not s.needs_reference))
+    return list(seen.values())
+
+
+# The families' order on the page, by defining module (a module not listed comes after these).
+FAMILY_ORDER = ("paired", "margin_functions", "reshaped", "per_response", "scored", "adaptive", "token_level",
+                "reference_free", "unpaired", "composite")
+
+
+def _families(specs: list[LossSpec]) -> dict[str, list[LossSpec]]:
+    """Specs grouped by the module that defines them (one module per family), titled by its docstring's first line."""
+    families: dict[str, list[LossSpec]] = {}
+    rank = {f"prefopt.losses.{m}": i for i, m in enumerate(FAMILY_ORDER)}
+    for spec in sorted(specs, key=lambda s: rank.get(s.fn.__module__, len(rank))):  # stable: registration order within
+        doc = inspect.getdoc(sys.modules[spec.fn.__module__]) or spec.fn.__module__
+        families.setdefault(doc.splitlines()[0].rstrip("."), []).append(spec)
+    return families
+
+
+def _reads(spec: LossSpec) -> list[str]:
+    """The record fields the loss reads at its default hyperparameters."""
+    fields = LossConfig(spec.name).reads
+    order = list(PairLogps.__dataclass_fields__) + list(UnpairedLogps.__dataclass_fields__)
+    return sorted(fields, key=order.index)
+
+
+def _extra_reads(spec: LossSpec) -> str:
+    """What it reads besides the policy's sums and lengths, briefly: the reference's sums, and any other field."""
+    config = LossConfig(spec.name)
+    rest = [f for f in _reads(spec) if f not in BASE_FIELDS[config.paired] | REFERENCE_FIELDS[config.paired]]
+    parts = (["reference sums"] if config.reads & REFERENCE_FIELDS[config.paired] else []) + [f"`{f}`" for f in rest]
+    return ", ".join(parts) or "nothing else"
 
 
 def _reference(spec: LossSpec) -> str:
@@ -62,6 +94,14 @@ def _data(spec: LossSpec, long: bool = False) -> str:
     return "unpaired rows (UnpairedLogps)" if long else "unpaired"
 
 
+def _strength(spec: LossSpec) -> str:
+    if spec.strength is None:
+        return "none: a calibrating grid names the knob (e.g. the learning rate)"
+    name, sign = spec.strength
+    return f"`{name}`, " + ("larger values move the policy further (larger KL)" if sign > 0 else "larger values keep "
+                            "the policy closer to the reference (smaller KL)")
+
+
 def _hyper_rows(hypers: tuple[Hyperparameter, ...]) -> list[str]:
     rows = ["| hyperparameter | type / valid values | default |", "|---|---|---|"]
     rows += [f"| `{h.name}` | {h.describe()} | `{h.default!r}` |" for h in hypers]
@@ -81,8 +121,9 @@ def _section(spec: LossSpec) -> list[str]:
         ("reward", spec.reward),
         ("reward scale", _scale(spec)),
         ("generic options", ", ".join(f"`{h.name}`" for h in spec.options) or "none"),
-        ("reads besides the log-prob sums and lengths", ", ".join(f"`{f}`" for f in sorted(spec.reads)) or "nothing"),
+        ("record fields read (default hyperparameters)", ", ".join(f"`{f}`" for f in _reads(spec))),
         ("running state", ", ".join(f"`{getattr(f, '__qualname__', f)}`" for f in spec.state) or "none"),
+        ("strength (what a calibrating grid searches)", _strength(spec)),
     ]
     lines += [f"- **{k}**: {v}" for k, v in facts] + [""]
     lines += _hyper_rows(spec.hyperparameters) if spec.hyperparameters else ["No hyperparameters of its own."]
@@ -90,19 +131,22 @@ def _section(spec: LossSpec) -> list[str]:
 
 
 def render() -> str:
-    specs = _unique_specs()
-    lines = [_HEADER, "## Summary", ""]
-    lines += ["| name | aliases | reference | data | aggregation | reward scale |", "|---|---|---|---|---|---|"]
-    for s in specs:
-        lines.append(
-            f"| [`{s.name}`](#{s.name}) | {', '.join(s.aliases)} | {_reference(s)} | {_data(s)} | {s.aggregation} "
-            f"| {_scale(s)} |"
-        )
+    families = _families(_unique_specs())
+    lines = [_HEADER, "## Summary, by family", ""]
+    for title, specs in families.items():
+        lines += [f"**{title}**", ""]
+        lines += ["| name | aliases | reference | data | reads besides the policy's sums and lengths | aggregation "
+                  "| reward scale |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| [`{s.name}`](#{s.name}) | {', '.join(s.aliases)} | {_reference(s)} | {_data(s)} | "
+                  f"{_extra_reads(s)} | {s.aggregation} | {_scale(s)} |" for s in specs]
+        lines.append("")
     options_doc = inspect.getdoc(pair_options) or ""
-    lines += ["", "## Generic options of paired losses", "", options_doc, "", *_hyper_rows(PAIR_OPTIONS), ""]
+    lines += ["## Generic options of paired losses", "", options_doc, "", *_hyper_rows(PAIR_OPTIONS), ""]
     lines += ["See `prefopt/losses/options.py` for the definitions, versions and deviations.", ""]
-    for spec in specs:
-        lines += _section(spec)
+    for title, specs in families.items():
+        lines += [f"# {title}", ""]
+        for spec in specs:
+            lines += _section(spec)
     return "\n".join(lines).rstrip() + "\n"
 
 

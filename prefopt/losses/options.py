@@ -7,13 +7,17 @@
   (which treats DPO only): the token counts become the matching weighted counts
   |y|' = min(|y_w|, |y_l|) + ld_alpha * (|y| - min), so a loss that averages log-probs (SimPO, ORPO, ...)
   divides the weighted sum by the sum of the token weights.
-- WPO (Zhou et al. 2024, 'WPO: Enhancing RLHF with Weighted Preference Optimization', arXiv 2406.11827, v1):
-  `wpo: true` multiplies each pair's loss by the detached weight w(x, y_w, y_l) = exp(avg_logp(y_w) +
-  avg_logp(y_l)), the product of the policy's own length-normalized (per-token geometric mean) probabilities of
-  both responses, computed on the unmodified record. Deviation: the later versions of the paper and its code
-  (also TRL's `use_weighting`) "align" each token's log-prob by subtracting log sum_v pi(v | x, y_<t)^2 before
-  averaging, and clamp the weight at 1; that needs per-token sums over the vocabulary, which the log-prob
-  record does not carry, so the v1 definition is implemented (its weights are <= 1 already).
+- WPO (Zhou et al. 2024, 'WPO: Enhancing RLHF with Weighted Preference Optimization', arXiv 2406.11827): `wpo`
+  multiplies each pair's loss by a detached weight of the policy's own probabilities of both responses, computed on
+  the unmodified record. `wpo: v1` (or `true`, the v1 setting's old spelling): the paper's first version,
+  w = exp(avg_logp(y_w) + avg_logp(y_l)), the product of per-token geometric-mean probabilities (<= 1).
+  `wpo: aligned`: the later versions' sampling-aligned weight (Eq. 2 there, as TRL cites it; the authors' code):
+  each token's log-prob minus log sum_v pi(v | x, y_<t)^2, i.e. its probability relative to the expected
+  probability E_{v~pi}[pi(v)] of a token the policy samples itself, averaged over the response,
+  w = min(1, exp(aligned_avg(y_w) + aligned_avg(y_l))). The clamp at 1 is the authors' code (scripts/run_wpo.py,
+  `torch.clamp(..., max=1)`); TRL 1.16's `use_weighting` computes the same aligned averages but does not clamp (a
+  token likelier than a typical sample has a positive aligned log-prob, so its weights may exceed 1). The aligned
+  sums are the record's `policy_*_aligned_logps` (the scorer computes them from the policy's logits, detached).
 - f-divergence (Wang et al. 2023, 'Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
   Divergence Constraints', arXiv 2309.16240): `f_logratio` gives f'(pi / pi_ref) expressed from
   r = log(pi / pi_ref), for the losses that offer the option (dpo).
@@ -33,14 +37,17 @@ from prefopt.losses.schema import UnitInterval, hyperparameters
 from prefopt.records import PairLogps
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
+WpoMode = Literal[False, True, "v1", "aligned"]  # True = "v1" (configs written before the aligned weight)
+ALIGNED_FIELDS = ("policy_chosen_aligned_logps", "policy_rejected_aligned_logps")
 _MAX_EXP = 80.0  # exp(80) ~ 5.5e34 < float32 max: caps f'(u) = -1/u for huge negative log-ratios instead of inf
 
 
-def pair_options(*, ld_alpha: UnitInterval = 1.0, wpo: bool = False) -> None:
+def pair_options(*, ld_alpha: UnitInterval = 1.0, wpo: WpoMode = False) -> None:
     """The schema of the generic options: each paired loss accepts these keyword hyperparameters.
 
     ld_alpha: LD-DPO weight of the longer response's tokens past the shorter one's length (1: plain loss).
-    wpo: weight each pair by the policy's detached length-normalized probabilities (WPO v1).
+    wpo: weight each pair by the policy's detached probabilities of both responses: false (off), v1 (length-normalized
+        probabilities; true is v1) or aligned (sampling-aligned, clamped at 1).
     """
 
 
@@ -48,17 +55,22 @@ PAIR_OPTIONS = hyperparameters(pair_options)
 
 
 def check_pair_options(fn: Callable[..., Tensor], params: dict[str, Any], where: str) -> None:
-    """Reject option combinations that have no meaning for `fn`."""
-    if params.get("wpo") and getattr(fn, "sorts_batch", False):
+    """Reject option combinations that have no meaning for `fn`, and numbers standing in for wpo's choices."""
+    wpo = params.get("wpo", False)
+    if not isinstance(wpo, (bool, str)):  # 1 == True and 0 == False would pass the choices
+        raise ValueError(f"{where}: wpo is one of false, true, 'v1', 'aligned', got {wpo!r}")
+    if wpo and getattr(fn, "sorts_batch", False):
         raise ValueError(f"{where}: wpo weights pairs, but this loss sorts the batch, so its rows are not pairs")
 
 
 def option_reads(params: dict[str, Any], with_reference: bool) -> frozenset[str]:
-    """The record fields the options read beyond the loss's own: LD-DPO (ld_alpha < 1) the shared-prefix sums."""
-    if params.get("ld_alpha", 1.0) == 1.0:
-        return frozenset()
-    policy = {"policy_chosen_shared_logps", "policy_rejected_shared_logps"}
-    return frozenset(policy | ({"ref_chosen_shared_logps", "ref_rejected_shared_logps"} if with_reference else set()))
+    """The record fields the options read beyond the loss's own: LD-DPO (ld_alpha < 1) the shared-prefix sums, the
+    aligned WPO weight the aligned sums."""
+    fields = set(ALIGNED_FIELDS) if params.get("wpo") == "aligned" else set()
+    if params.get("ld_alpha", 1.0) != 1.0:
+        fields |= {"policy_chosen_shared_logps", "policy_rejected_shared_logps"}
+        fields |= {"ref_chosen_shared_logps", "ref_rejected_shared_logps"} if with_reference else set()
+    return frozenset(fields)
 
 
 def ld_logps(lp: PairLogps, ld_alpha: float) -> PairLogps:
@@ -86,19 +98,24 @@ def ld_logps(lp: PairLogps, ld_alpha: float) -> PairLogps:
     )
 
 
-def wpo_weights(lp: PairLogps) -> Tensor:
-    """WPO v1 pair weights exp(avg_logp(y_w) + avg_logp(y_l)) in (0, 1], detached; shape (B,)."""
-    avg_w = lp.policy_chosen_logps / lp.chosen_lengths.clamp(min=1)
-    avg_l = lp.policy_rejected_logps / lp.rejected_lengths.clamp(min=1)
-    return torch.exp(avg_w + avg_l).detach()
+def wpo_weights(lp: PairLogps, mode: WpoMode = "v1") -> Tensor:
+    """WPO pair weights in (0, 1], detached; shape (B,). v1: exp(avg_logp(y_w) + avg_logp(y_l)); aligned:
+    min(1, exp(aligned_avg(y_w) + aligned_avg(y_l))), aligned_avg = the record's aligned sum / |y|."""
+    chosen, rejected = lp.policy_chosen_logps, lp.policy_rejected_logps
+    if mode == "aligned":
+        chosen, rejected = lp.policy_chosen_aligned_logps, lp.policy_rejected_aligned_logps
+        if chosen is None or rejected is None:
+            raise ValueError("wpo: aligned needs policy_chosen_aligned_logps and policy_rejected_aligned_logps")
+    weights = torch.exp(chosen / lp.chosen_lengths.clamp(min=1) + rejected / lp.rejected_lengths.clamp(min=1))
+    return (weights.clamp(max=1.0) if mode == "aligned" else weights).detach()
 
 
 def apply_pair_options(
-    fn: Callable[..., Tensor], lp: PairLogps, params: dict[str, Any], *, ld_alpha: float, wpo: bool
+    fn: Callable[..., Tensor], lp: PairLogps, params: dict[str, Any], *, ld_alpha: float, wpo: WpoMode
 ) -> Tensor:
     """fn(lp) with LD-DPO applied to its input and WPO weights to its per-pair output; shape (B,)."""
     losses = fn(ld_logps(lp, ld_alpha), **params)  # (B,)
-    return losses * wpo_weights(lp) if wpo else losses
+    return losses * wpo_weights(lp, "aligned" if wpo == "aligned" else "v1") if wpo else losses
 
 
 def f_logratio(r: Tensor, f_divergence: FDivergence, f_alpha: float) -> Tensor:

@@ -63,6 +63,9 @@ class LossSpec:
     options: tuple[Hyperparameter, ...] = ()
     reads: frozenset[str] = frozenset()  # record fields read beyond BASE_FIELDS (and REFERENCE_FIELDS)
     state: tuple[StateFactory, ...] = ()  # running state kept across batches or ranks (prefopt.losses.state)
+    # The hyperparameter that sets how far the policy moves from the reference, and the sign of its effect on the KL
+    # (-1: larger beta, smaller KL; +1: larger lam, larger KL): what a calibrating grid searches (prefopt.study.calibration).
+    strength: tuple[str, int] | None = None
 
     @property
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
@@ -94,12 +97,15 @@ def register(
     options: bool = True,
     reads: tuple[str, ...] = (),
     state: tuple[StateFactory, ...] = (),
+    strength: tuple[str, int] | None | str = "auto",
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register `fn` under `name` (and each alias); the function itself is returned unchanged.
 
     `options=True` gives a paired loss the generic options of `prefopt.losses.options` (LD-DPO, WPO). `reads`: the
     record fields it reads beyond the policy's sums and lengths and (with `needs_reference`) the reference's sums;
-    `state`: factories of the running state it keeps (`prefopt.losses.state`).
+    `state`: factories of the running state it keeps (`prefopt.losses.state`); `strength`: (hyperparameter, +1 or -1),
+    the knob that sets the KL to the reference and its sign; "auto" is ("beta", -1) for a loss with a reference and a
+    beta (the KL falls as beta grows), else None (no single knob: a calibrating grid then names one, e.g. the steps).
     """
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -113,9 +119,14 @@ def register(
         unknown = set(reads) - RECORD_FIELDS[paired]
         if unknown:
             raise TypeError(f"loss {name!r} reads {sorted(unknown)}, which are not fields of its record")
+        knob = strength
+        if knob == "auto":
+            knob = ("beta", -1) if needs_reference and "beta" in {h.name for h in own} else None
+        if knob is not None and (knob[0] not in {h.name for h in own} or knob[1] not in (-1, 1)):
+            raise TypeError(f"loss {name!r}: strength {knob!r} is not (one of its hyperparameters, +1 or -1)")
         spec = LossSpec(
             name, fn, paper, formula, needs_reference, paired, aggregation, reward,
-            own, reward_scale, aliases, extra, frozenset(reads), tuple(state),
+            own, reward_scale, aliases, extra, frozenset(reads), tuple(state), knob,
         )
         for key in (name, *aliases):
             if key in LOSSES:

@@ -10,8 +10,10 @@ in a single process.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -94,3 +96,123 @@ def global_batch(*names: str) -> StateFactory:
     factory = lambda: GlobalBatch(*names)  # noqa: E731
     factory.__qualname__ = f"global_batch{names}"
     return factory
+
+
+# ---------------------------------------------------------------- running margin statistics, Gaussian pair filter
+MarginKind = Literal["sum", "mean"]
+# The record fields (mean, std) that `MarginMoments` fills for each kind of margin.
+MARGIN_FIELDS: dict[str, tuple[str, str]] = {
+    "sum": ("margin_ema_mean", "margin_ema_std"), "mean": ("avg_margin_ema_mean", "avg_margin_ema_std"),
+}
+STD_FLOOR = 1e-12  # floor on a standard deviation that divides (a batch of equal margins has none)
+
+
+def pair_margin(record: PairLogps, margin: MarginKind) -> Tensor:
+    """The detached margin of each pair, shape (B,): h = r_w - r_l ("sum") or r_w/|y_w| - r_l/|y_l| ("mean")."""
+    if margin == "sum":
+        return record.margins().detach()
+    chosen = record.chosen_logratios() / record.chosen_lengths.clamp(min=1)
+    return (chosen - record.rejected_logratios() / record.rejected_lengths.clamp(min=1)).detach()
+
+
+class MarginMoments(LossState):
+    """Exponential moving averages of a training batch's mean and standard deviation of a pair margin, over all
+    ranks: mean <- m mean + (1 - m) batch mean and std <- m std + (1 - m) batch std (the Bessel-corrected sample
+    std, as torch.std; 0 for a single pair), both from 0 with no bias correction, as the beta-DPO and alpha-DPO
+    authors' trainers keep them. `update` folds the batch in first, then fills the record with the new values;
+    `read` fills the current ones (validation never moves them). Float64 buffers; the fields are detached scalars in
+    the record's dtype."""
+
+    def __init__(self, momentum: float, margin: MarginKind) -> None:
+        super().__init__()
+        self.momentum, self.margin, self.fields = momentum, margin, MARGIN_FIELDS[margin]
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("std", torch.zeros((), dtype=torch.float64))
+
+    def update(self, record: Record, collective: Collective) -> Record:
+        assert isinstance(record, PairLogps)
+        x = pair_margin(record, self.margin).double()  # (B,)
+        n, total, squares = collective.sum(torch.stack([x.new_tensor(x.numel()), x.sum(), x.square().sum()]))
+        mean = total / n.clamp(min=1)
+        std = ((squares - n * mean.square()) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()  # 0 when n == 1
+        self.mean.mul_(self.momentum).add_((1 - self.momentum) * mean)
+        self.std.mul_(self.momentum).add_((1 - self.momentum) * std)
+        return self.read(record)
+
+    def read(self, record: Record) -> Record:
+        dtype = record.policy_chosen_logps.dtype  # copies: a later update must not change a record already made
+        return record.replace(**dict(zip(self.fields, (self.mean.to(dtype, copy=True), self.std.to(dtype, copy=True)))))
+
+
+class GaussianPairFilter(LossState):
+    """beta-DPO's data filter: keep k = max(1, floor(rho B)) of a training batch's B pairs, drawn without replacement
+    with probability proportional to the Gaussian density of each pair's margin x_i around the running mean,
+    w_i = exp(-(x_i - mean)^2 / (2 std^2)); mean and std are the record's fields that a `MarginMoments` declared
+    before this state has just filled. The record's `kept_pairs` marks the k pairs. The draws are made at once as
+    the top k of log w_i + Gumbel noise (the Gumbel-top-k trick: the same distribution as torch.multinomial(w, k)
+    without replacement, and no underflow when every w_i is tiny). The noise comes from a generator seeded by a hash
+    of (seed, the count of earlier draws, the process rank): the count is a buffer, so a run resumed from a
+    checkpoint keeps the pairs the uninterrupted run keeps; each rank filters its own rows. `read` keeps them all."""
+
+    fields = ("kept_pairs",)
+
+    def __init__(self, rho: float, seed: int, margin: MarginKind = "sum") -> None:
+        super().__init__()
+        self.rho, self.seed, self.margin = rho, seed, margin
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
+        self._draws: int | None = None  # the host's copy of `draws`: seeding then needs no wait for the device
+
+    def update(self, record: Record, collective: Collective) -> Record:
+        assert isinstance(record, PairLogps)
+        mean_field, std_field = MARGIN_FIELDS[self.margin]
+        mean, std = getattr(record, mean_field), getattr(record, std_field)
+        if mean is None or std is None:
+            raise ValueError(f"GaussianPairFilter reads {mean_field} and {std_field}: declare MarginMoments before it")
+        x = pair_margin(record, self.margin).double()  # (B,)
+        b, draw = x.numel(), self._next_draw()
+        k = max(1, int(self.rho * b + 1e-9))  # the epsilon: rho * B is a whole number more often than floats say
+        if k >= b:
+            return record.replace(kept_pairs=torch.ones(b, dtype=torch.bool, device=x.device))
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(_draw_seed(self.seed, draw))
+        uniform = torch.rand(b, generator=generator, dtype=torch.float64, device=x.device)  # (B,)
+        uniform = uniform.clamp(min=torch.finfo(torch.float64).tiny)  # log(log(.)) below: keep it off 0
+        log_w = -0.5 * ((x - mean.double()) / std.double().clamp(min=STD_FLOOR)).square()
+        kept = torch.zeros(b, dtype=torch.bool, device=x.device)
+        kept[(log_w - (-uniform.log()).log()).topk(k).indices] = True
+        return record.replace(kept_pairs=kept)
+
+    def _next_draw(self) -> int:
+        if self._draws is None:  # after construction or a checkpoint load: read the buffer once
+            self._draws = int(self.draws)
+        draw, self._draws = self._draws, self._draws + 1
+        self.draws.fill_(self._draws)
+        return draw
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._draws = None
+
+
+def _draw_seed(seed: int, draw: int) -> int:
+    """A generator seed for one filter draw, from the loss's seed, the draw's number and the process rank."""
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{draw}/{rank}".encode(), digest_size=7).digest(), "little")
+
+
+def configured(cls: type[LossState], fields: tuple[str, ...], **kwargs: Any) -> StateFactory:
+    """A factory of `cls(**kwargs)` for a loss's `state` hook, carrying the record `fields` the state fills (the
+    scorer's parse-time check reads them from the factory) and a readable name for docs/losses.md."""
+    factory = functools.partial(cls, **kwargs)
+    factory.fields = fields  # type: ignore[attr-defined]
+    factory.__qualname__ = f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"  # type: ignore
+    return factory
+
+
+def margin_moments(momentum: float, margin: MarginKind) -> StateFactory:
+    return configured(MarginMoments, MARGIN_FIELDS[margin], momentum=momentum, margin=margin)
+
+
+def gaussian_pair_filter(rho: float, seed: int, margin: MarginKind = "sum") -> StateFactory:
+    return configured(GaussianPairFilter, GaussianPairFilter.fields, rho=rho, seed=seed, margin=margin)

@@ -16,6 +16,9 @@ loss's defaults), and the merged loss is validated while the grid is expanded, s
 starts. Run names are generated: the variant's `name` (default: its loss name), then every swept key's short name
 and value, then the seed, e.g. `dpo_beta0.5_seed1`; a hyperparameter whose value is itself a list is written as a
 list of one list. The command is `prefopt.study.grid_cli`, the runner `prefopt.study.runner`, the tables `prefopt.study.tables`.
+
+A grid may declare KL targets instead of hyperparameter lists (`calibrate:`, with a variant's optional `strength` and
+`strength_direction` keys): `prefopt.study.calibration` searches each variant's knob, `prefopt.study.calibrated` runs it.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from typing import Any
 
 import yaml
 
+from prefopt.study.calibration import CalibrationError, CalibrationSpec, parse_spec
+
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_KEY = "model.loss"
 SEED_KEY = "seed_everything"
 ALIASES = {"seed": SEED_KEY}
-GRID_KEYS = {"name", "base", "set", "axes", "variants", "workers"}
+GRID_KEYS = {"name", "base", "set", "axes", "variants", "workers", "calibrate"}
+KNOB_KEYS = ("strength", "strength_direction")  # a variant's searched setting in a calibrating grid (calibration.py)
 
 
 class GridError(ValueError):
@@ -55,6 +61,7 @@ class Run:
     swept: tuple[str, ...]  # the keys swept by the grid (axes and list-valued variant keys), dotted
     loss: dict[str, Any]  # the validated loss dict, all hyperparameters filled in
     seed: int
+    along: tuple[str, ...] = ()  # keys besides the loss's that vary along its curve (a calibrated learning rate)
 
     def overrides(self, base: tuple[Path, ...]) -> list[str]:
         """The `fit` arguments of this run (without the logger's location, which the runner adds)."""
@@ -72,6 +79,8 @@ class Grid:
     axes: dict[str, list[Any]] = field(default_factory=dict)
     variants: tuple[dict[str, Any], ...] = ()
     workers: int | None = None
+    calibrate: CalibrationSpec | None = None  # KL targets instead of hyperparameter lists (prefopt.study.calibration)
+    knobs: tuple[dict[str, Any], ...] = ()  # per variant: its `strength` / `strength_direction` keys, if any
 
 
 def _resolve_path(value: str) -> Path:
@@ -112,10 +121,14 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(values, list) or not values:
             raise GridError(f"{path}: axes.{k} must be a non-empty list of values, got {values!r}")
         axes[_key(k, f"{path}: axes")] = values
-    variants = []
+    variants, knobs = [], []
     for i, variant in enumerate(raw.get("variants") or []):
         if not isinstance(variant, Mapping) or not variant:
             raise GridError(f"{path}: variants[{i}] must be a mapping of config keys to values")
+        knobs.append({k: variant[k] for k in KNOB_KEYS if k in variant})
+        if knobs[-1] and "calibrate" not in raw:
+            raise GridError(f"{path}: variants[{i}] sets {sorted(knobs[-1])}, which only a calibrating grid (calibrate:) reads")
+        variant = {k: val for k, val in variant.items() if k not in KNOB_KEYS}
         v = {k if k == "name" else _key(k, f"{path}: variants[{i}]"): val for k, val in variant.items()}
         clash = (set(v) - {"name"}) & (set(axes) | set(fixed))
         if clash:
@@ -129,7 +142,17 @@ def load_grid(path: str | Path) -> Grid:
     name = str(raw.get("name") or path.stem)
     if not re.fullmatch(r"[\w.-]+", name):
         raise GridError(f"{path}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    return Grid(name, path, tuple(_resolve_path(str(p)) for p in base), fixed, axes, tuple(variants), workers)
+    calibrate = None
+    if "calibrate" in raw:
+        if set(axes) - {SEED_KEY}:
+            raise GridError(f"{path}: a calibrating grid sweeps only seeds in axes (got {sorted(set(axes) - {SEED_KEY})}); "
+                            "put other settings in variants")
+        try:
+            calibrate = parse_spec(raw["calibrate"], str(path), axes.get(SEED_KEY, []))
+        except CalibrationError as err:
+            raise GridError(str(err)) from None
+    return Grid(name, path, tuple(_resolve_path(str(p)) for p in base), fixed, axes, tuple(variants), workers,
+                calibrate, tuple(knobs))
 
 
 # ---------------------------------------------------------------------------------------------- expansion

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from prefopt.study.grid import GridError, check_configs, default_workers, expand, load_grid, select, with_overrides
+from prefopt.study.calibrated import Calibration, run_calibrated
 from prefopt.study.runner import GridRunner
 
 
@@ -33,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = with_overrides(load_grid(args.config), args.set)
-        runs = select(expand(grid), args.runs)
+        if grid.calibrate is not None:
+            if args.runs:
+                raise GridError("--runs selects runs of a grid with hyperparameter lists; a calibrating grid decides "
+                                "its runs as it goes")
+            calibration = Calibration(grid, Path(args.out or Path("results") / grid.name))
+            runs = calibration.first_runs()
+        else:
+            runs = select(expand(grid), args.runs)
         if not args.no_check:
             check_configs(grid, runs)
     except GridError as err:
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         launcher = RayLauncher(args.ray_address, num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run)
     workers = args.workers or grid.workers or (launcher.capacity() if launcher else default_workers())
+    if grid.calibrate is not None:
+        return run_calibrated(calibration, workers, launcher, dry_run=args.dry_run)
     runner = GridRunner(grid, runs, out, workers=workers, launcher=launcher)
     if args.dry_run:
         runner.print_plan()

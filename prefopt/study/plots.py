@@ -51,14 +51,18 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 ZOOM_KL = 2.5  # the right panel of the frontier plot: where the losses can be told apart
 
 
-def frontier_plot(points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame, path: Path) -> Path:
+def frontier_plot(points: pd.DataFrame, frontier: pd.DataFrame, targets: pd.DataFrame, path: Path,
+                  best_of_n: pd.DataFrame | None = None) -> Path:
     """points: the summary with a `curve` column; frontier: (kl, reward); targets: (curve, target_kl, target_reward,
-    kl, reward) for the DPO settings. Left: every KL; right: KL up to ZOOM_KL."""
+    kl, reward) for the DPO settings; best_of_n: (n, kl, reward). Left: every KL; right: KL up to ZOOM_KL."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     xmax = float(np.nanmax(points[f"{KL}.mean"] + points[f"{KL}.std"].fillna(0))) * 1.1
     colors = _colors(list(points["curve"].unique()))
     for ax, right in zip(axes, (xmax, min(ZOOM_KL, xmax))):
         _frontier_panel(ax, points, frontier, targets, colors, right)
+        if best_of_n is not None:
+            b = best_of_n[best_of_n["kl"] <= right * 1.05]
+            ax.plot(b["kl"], b["reward"], "s--", color="gray", ms=3, lw=1, label="best-of-N from the base (exact)")
     axes[0].set_title("Gold reward against KL (mean over seeds, bars: 1 s.d.; labels: the hyperparameter)", fontsize=9)
     axes[1].set_title(f"the same, KL up to {ZOOM_KL:g}", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower right")

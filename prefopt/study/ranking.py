@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from prefopt.study.tables import add_curves, group_columns, t_quantile
+from prefopt.study.tables import add_curves, curve_columns, group_columns, t_quantile
 
 KL, REWARD, GAP = "val/gold/sampled_kl", "val/gold/gold_reward", "val/gold/frontier_gap"
 ACCURACY, MARGIN = "val/accuracy", "val/margin_nats"
@@ -211,7 +211,7 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
     targets = list(np.geomspace(lo, hi, points)) if lo > 0 else []
     ranked = curves[~curves["curve"].isin(left_out)]
     scores = per_seed(ranked, targets, frontier).groupby(["curve", "seed"])[["gap", "reward"]].mean()
-    settings = [c for c in group_columns(runs) if c.startswith("loss.")]
+    settings = [c for c in group_columns(runs) if c not in curve_columns(runs)]  # what varies along a curve
     rows = []
     for curve, g in curves.groupby("curve", sort=False):
         row: dict[str, object] = {"curve": curve, "loss": g["loss"].iloc[0], "seeds": g["seed"].nunique(),
@@ -224,6 +224,7 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
         cols = [KL, ACCURACY]
         means = g.groupby(settings, dropna=False)[cols].mean() if settings else g[cols].mean().to_frame().T
         row["kl.min"], row["kl.max"] = float(means[KL].min()), float(means[KL].max())
+        row["kl_monotone"] = kl_monotone(g, settings)
         row["accuracy.min"], row["accuracy.max"] = float(means[ACCURACY].min()), float(means[ACCURACY].max())
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -244,6 +245,17 @@ def ranking(runs: pd.DataFrame, frontier: Frontier | None = None, points: int = 
     return out
 
 
+def kl_monotone(g: pd.DataFrame, settings: list[str]) -> bool | None:
+    """Whether the curve's mean KL moves one way along the one setting it sweeps (None: it sweeps none or several).
+    A non-monotone curve (SimPO's beta, say) is still compared along KL, but its points are not in its knob's order:
+    the tables and the report flag it rather than sort it silently."""
+    varying = [c for c in settings if g[c].nunique() > 1]
+    if len(varying) != 1 or not pd.api.types.is_numeric_dtype(g[varying[0]]):
+        return None
+    steps = np.diff(g.groupby(varying[0])[KL].mean().sort_index().to_numpy())
+    return bool((steps > 0).all() or (steps < 0).all())
+
+
 def best_setting(g: pd.DataFrame, settings: list[str]) -> dict[str, object]:
     """The curve's setting with the smallest mean gap (`best_gap.*`): its observed mean (optimistic: it is the
     minimum of several noisy means), the bias-corrected value and interval of a bootstrap that repeats the choice
@@ -256,5 +268,5 @@ def best_setting(g: pd.DataFrame, settings: list[str]) -> dict[str, object]:
     varying = [c for c in settings if g[c].nunique() > 1]
     return {"best_gap.mean": float(gaps[best].mean()), "best_gap.corrected": float(corrected[0]),
             "best_gap.lo": float(low[0]), "best_gap.hi": float(high[0]),
-            "best_gap.setting": " ".join(f"{c[5:]}={_fmt(chosen[c].iloc[0])}" for c in varying),
+            "best_gap.setting": " ".join(f"{c.rsplit('.', 1)[-1]}={_fmt(chosen[c].iloc[0])}" for c in varying),
             "best_gap.kl": float(chosen[KL].mean())}

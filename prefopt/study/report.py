@@ -3,6 +3,7 @@
 Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.csv) and writes, beside them:
 
 - frontier.csv: the task's exact optimal frontier (b, kl, reward), so notebooks need nothing from training code;
+- best_of_n.csv: best-of-N sampling from the base, exactly (n, kl, reward): the baseline that trains nothing;
 - targets.csv: each DPO setting's analytic target: DPO's population optimum is pi_ref exp(R / (T beta)), the
   frontier point at b = T beta (T: the label temperature), next to where its runs landed;
 - matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
@@ -47,6 +48,17 @@ def frontier_table() -> pd.DataFrame:
     rows = pd.DataFrame({"b": FRONTIER_B, "kl": kl, "reward": reward})
     base = pd.DataFrame({"b": [math.inf], "kl": [0.0], "reward": [base_mean_reward()]})
     return pd.concat([rows, base], ignore_index=True).sort_values("kl", ignore_index=True)
+
+
+BEST_OF_N = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
+
+
+def best_of_n_table() -> pd.DataFrame:
+    """Best-of-N sampling from the base, exactly (`prefopt.gold.task.best_of_n_curve`): the no-training baseline."""
+    from prefopt.gold.task import best_of_n_curve
+
+    kl, reward = best_of_n_curve(BEST_OF_N)
+    return pd.DataFrame({"n": BEST_OF_N, "kl": kl, "reward": reward})
 
 
 def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
@@ -142,16 +154,20 @@ def print_ranking(ranked: pd.DataFrame) -> None:
         "accuracy (not ranked)": [f"{a:.3f}-{b:.3f}" for a, b in zip(ranked["accuracy.min"], ranked["accuracy.max"])],
     })
     print(view.to_string(index=False))
+    bent = ranked.loc[ranked["kl_monotone"].eq(False), "curve"].tolist() if "kl_monotone" in ranked else []
+    if bent:
+        print(f"\nKL is not monotone in the swept setting of: {', '.join(bent)} (compared along KL all the same; "
+              "kl_monotone in ranking.csv)")
     left_out = ranked.loc[~ranked["ranked"].astype(bool), "curve"].tolist()
     if left_out and pd.notna(lo):  # with no common range at all, the line above already says why none is ranked
         print(f"\nNot ranked (their KL never meets the common range): {', '.join(left_out)}")
 
 
 def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,
-                targets: pd.DataFrame) -> list[Path]:
+                targets: pd.DataFrame, best_of_n: pd.DataFrame | None = None) -> list[Path]:
     from prefopt.study import plots
 
-    written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png"),
+    written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png", best_of_n),
                plots.gap_plot(points, out / "frontier_gap.png"),
                plots.sweep_plot(points, out / "beta_sweeps.png")]
     if not history.empty and rk.REWARD in history:
@@ -177,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     observed = rk.with_curves(runs)[rk.KL]
     kls = args.kl or [k for k in rk.NICE_KLS if observed.min() <= k <= observed.max()]
-    frontier, targets = frontier_table(), dpo_targets(runs)
+    frontier, best_of_n, targets = frontier_table(), best_of_n_table(), dpo_targets(runs)
     matched, ranked = rk.matched_kl(runs, kls), rk.ranking(runs)
-    for name, table in (("frontier", frontier), ("targets", targets), ("matched_kl", matched), ("ranking", ranked)):
+    for name, table in (("frontier", frontier), ("best_of_n", best_of_n), ("targets", targets),
+                        ("matched_kl", matched), ("ranking", ranked)):
         write_csv(table, out / f"{name}.csv")
     print_report(out, summary, matched, ranked)
     if not args.no_plots:
-        written = write_plots(out, runs, summary, history, frontier, targets)
+        written = write_plots(out, runs, summary, history, frontier, targets, best_of_n)
         print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

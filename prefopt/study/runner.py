@@ -114,7 +114,7 @@ class GridRunner:
     def spec(self, run: Run) -> dict:
         """run.json: what the grid assigned; `args` decides whether a recorded run is still this run."""
         return {"name": run.name, "variant": run.variant, "assigned": run.assigned, "loss": run.loss,
-                "seed": run.seed, "swept": list(run.swept), "args": run.overrides(self.grid.base),
+                "seed": run.seed, "swept": list(run.swept), "along": list(run.along), "args": run.overrides(self.grid.base),
                 "grid": self.grid.name, "git_commit": self.commit, "root": str(ROOT)}
 
     def status(self, run: Run) -> str:

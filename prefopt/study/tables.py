@@ -87,6 +87,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     row["loss"] = loss.get("name")
     row.update({f"loss.{k}": _flatten(v) for k, v in loss.items() if k != "name"})
     row["seed"] = spec.get("seed")
+    row["along"] = " ".join(spec.get("along") or []) or None
     row.update({k: _flatten(v) for k, v in (spec.get("assigned") or {}).items()
                 if not k.startswith("model.loss") and k != "seed_everything"})
     config_path = run_dir / CONFIG_FILE
@@ -172,7 +173,7 @@ def order_columns(runs: pd.DataFrame) -> pd.DataFrame:
 def group_columns(runs: pd.DataFrame) -> list[str]:
     """What identifies one (loss, hyperparameters) setting: variant, loss, its hyperparameters, every assigned key
     but the seed, and the resolved settings that differ between runs."""
-    keys = [c for c in runs.columns if c not in ("run", "curve", "status", "seed") and not _is_metric(c)]
+    keys = [c for c in runs.columns if c not in ("run", "curve", "status", "seed", "along") and not _is_metric(c)]
     return [c for c in keys if c not in RESOLVED or _varies(runs, c)]
 
 
@@ -183,8 +184,10 @@ def _varies(runs: pd.DataFrame, column: str) -> bool:
 
 
 def curve_columns(runs: pd.DataFrame) -> list[str]:
-    """What identifies a curve: a setting's columns except the loss hyperparameters, which vary along the curve."""
-    return [c for c in group_columns(runs) if not c.startswith("loss.")]
+    """What identifies a curve: a setting's columns except those that vary along it: the loss hyperparameters, and the
+    keys a run names in `along` (the learning rate a calibrating grid searched for a loss without a strength knob)."""
+    along = {k for v in runs.get("along", pd.Series(dtype=object)).dropna() for k in str(v).split()}
+    return [c for c in group_columns(runs) if not c.startswith("loss.") and c not in along]
 
 
 def add_curves(runs: pd.DataFrame) -> pd.DataFrame:

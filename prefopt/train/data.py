@@ -70,9 +70,11 @@ def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
 
 def _with_index(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
     """Add the training pairs' positions in `train_examples` (`index`, (B,)): what per-example tables (the scorer's
-    reference cache) are read by."""
+    reference cache) are read by; and the responses' scores (`chosen_score`, `rejected_score`, (B,)) when read."""
     if examples and "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    for field in (f for f in formats.SCORES if examples and f in examples[0]):
+        batch[field] = torch.tensor([e[field] for e in examples], dtype=torch.float32)
     return batch
 
 
@@ -101,6 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
         share_prompt: bool = False,
         group_by_length: int = 0,
         unpaired: bool = False,
+        scores: bool = False,
         seed: int = 0,
         gold: GoldData | None = None,
     ) -> None:
@@ -143,6 +146,8 @@ class PreferenceDataModule(L.LightningDataModule):
             group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
                 batches again, then shuffle the batches (prefopt/train/batching.py): less padding, less varied batches.
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
+            scores: read the responses' scores (fields chosen_score and rejected_score, mapped with `columns`; on the
+                built-in task, its exact gold rewards); set by the CLI when the loss reads them.
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
         """
@@ -192,7 +197,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = self._load_tokenizer()
         train, val, train_name, val_name = self._sources()
         columns = hp.columns or {}
-        layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train)
+        if hp.dataset in DATASETS:  # the built-in task's pair files hold the exact gold rewards
+            columns = {"chosen_score": "chosen_reward", "rejected_score": "rejected_reward", **columns}
+        layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train, scores=hp.scores)
         if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
                             f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")
@@ -211,7 +218,8 @@ class PreferenceDataModule(L.LightningDataModule):
             split = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             train, val = split["train"], split["test"]
         else:
-            val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure, rows=val)
+            val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure, rows=val,
+                                               scores=hp.scores)
             val = self._check_errors(formats.encode(val, val_layout, source=val_name, **encode), val_name)
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
@@ -266,7 +274,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if self.layout.paired and cut["chosen_ids"] == cut["rejected_ids"]:
                 identical += 1
                 continue
-            example = {"prompt_ids": prompt, **cut}
+            example = {"prompt_ids": prompt, **cut, **{f: ex[f] for f in formats.SCORES if f in ex}}
             if not self.layout.paired:
                 example["desirable"] = ex["desirable"]
             out.append(example)

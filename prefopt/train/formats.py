@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,10 @@ log = logging.getLogger(__name__)
 
 Structure = Literal["standard", "implicit_prompt", "unpaired"]
 Format = Literal["auto", "standard", "implicit_prompt", "unpaired"]  # data.format: "auto" detects the structure
-FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
+FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_score", "rejected_score")
+# Scalar scores of the two responses (a rating, a reward model's or the built-in task's gold reward): read only when
+# the loss uses reward values (`data.scores`, set by the CLI from the loss), then required of every paired row.
+SCORES = ("chosen_score", "rejected_score")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
     "implicit_prompt": ("chosen", "rejected"),
@@ -96,9 +100,10 @@ def _kind(feature: Any, values: list | None = None) -> str:
 
 
 def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto",
-                  rows: Any = None) -> Layout:
+                  rows: Any = None, scores: bool = False) -> Layout:
     """The layout of a dataset with these `features`; `columns` maps field names to column names. `rows` (the
-    dataset) is read only for a column whose rows mix types, to tell its kind from its first 1,000 values."""
+    dataset) is read only for a column whose rows mix types, to tell its kind from its first 1,000 values.
+    `scores`: the score columns (`SCORES`) are required too, and read."""
     col = {f: columns.get(f, f) for f in FIELDS}
     have = {f for f in FIELDS if col[f] in features}
     mixed = {f for f in have if type(features[col[f]]).__name__ == "Json"}
@@ -131,7 +136,16 @@ def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str
         held = "values of mixed types" if main in mixed else getattr(feature, "dtype", feature)
         raise DataError(f"{source}: column {col[main]!r} holds {held} from {_row(0)} on (field {main!r}); expected "
                         "strings or lists of {role, content} messages")
-    layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in REQUIRED[fmt]})  # type: ignore[arg-type]
+    if scores:
+        if fmt == "unpaired":
+            raise DataError(f"{source}: this loss reads the responses' scores, which only paired data carries")
+        missing = [f for f in SCORES if f not in have]
+        if missing:
+            raise DataError(f"{source}: this loss reads the responses' scores, but there is no column "
+                            f"{col[missing[0]]!r} (field {missing[0]!r}); map score columns with data.columns, e.g. "
+                            f"{{chosen_score: score_chosen, rejected_score: score_rejected}}; columns: {', '.join(features)}")
+    wanted = REQUIRED[fmt] + (SCORES if scores else ())
+    layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in wanted})  # type: ignore[arg-type]
     log.info("%s: format %s", source, layout.describe())
     return layout
 
@@ -174,6 +188,12 @@ def check_completion_messages(messages: list[dict[str, Any]], source: str, row: 
                        f"got role {messages[0]['role']!r}")
     if not any(m["content"].strip() for m in messages):
         raise RowError(f"{_where(source, row, column)}: empty completion")
+
+
+def check_score(value: Any, source: str, row: int, column: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError(f"{_where(source, row, column)}: a score must be a finite number, got {value!r:.40}")
+    return float(value)
 
 
 def check_label(value: Any, source: str, row: int, column: str) -> bool:
@@ -263,7 +283,7 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
                 check_text(comps[n], source, row, col[n], completion=True)
         else:
             prompt = check_text(values["prompt"], source, row, col["prompt"], completion=False)
-        return {**out, "prompt": prompt, **comps, "identical": False}
+        return {**out, **_scores(values, layout, source, row), "prompt": prompt, **comps, "identical": False}
     comps = {n: check_messages(values[n], source, row, col[n]) for n in names}
     if layout.structure == "implicit_prompt":
         if comps["chosen"] == comps["rejected"]:
@@ -281,7 +301,13 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
         return {"identical": True}
     texts = {n: render_chat(tokenizer, prompt, comps[n], source, row, col[n]) for n in names}
     prompt_text = texts[names[0]][0]
-    return {**out, "prompt": prompt_text, **{n: t[1] for n, t in texts.items()}, "identical": False}
+    return {**out, **_scores(values, layout, source, row), "prompt": prompt_text,
+            **{n: t[1] for n, t in texts.items()}, "identical": False}
+
+
+def _scores(values: dict[str, Any], layout: Layout, source: str, row: int) -> dict[str, float]:
+    """The row's checked scores, for a layout that reads them."""
+    return {f: check_score(values[f], source, row, layout.columns[f]) for f in SCORES if f in layout.columns}
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
@@ -344,6 +370,8 @@ def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, to
                 out[f"{n}_ids"][j] = ids if has_eos else ids + [eos]
     if not layout.paired:
         out["desirable"] = [bool(r.get("label")) for r in rows]
+    for field in (f for f in SCORES if f in layout.columns):
+        out[field] = [r.get(field, 0.0) for r in rows]
     return out
 
 

@@ -322,3 +322,28 @@ def test_the_best_setting_interval_repeats_the_selection():
     assert best["best_gap.mean"] < best["best_gap.corrected"]
     assert best["best_gap.lo"] > chosen.mean() - half and best["best_gap.hi"] > chosen.mean() + half
     assert best["best_gap.lo"] < 0.5 < best["best_gap.hi"]
+
+
+def test_a_calibrating_grid_is_compared_at_its_targets_without_interpolation():
+    """At each reached target, each loss's runs at the chosen knob value; the gaps are compared paired by seed. Here
+    b's gap is a's minus 0.05 on every seed at target 1, so b leads by exactly 0.05; a run at another value is ignored,
+    and an unreachable target is not compared."""
+    rows = []
+    for seed, noise in enumerate((0.0, 0.02, -0.01)):
+        for variant, knob, value, gap in (("a", "loss.beta", 0.5, 0.30), ("b", "model.optimizer.init_args.lr", 1e-4, 0.25),
+                                          ("a", "loss.beta", 2.0, 0.10)):  # a at another value: not chosen
+            rows.append({"run": f"{variant}{value}_{seed}", "variant": variant, "status": "ok", "loss": variant,
+                         "seed": seed, "loss.beta": value if knob == "loss.beta" else np.nan,
+                         "model.optimizer.init_args.lr": value if knob != "loss.beta" else 5e-4,
+                         rk.KL: 1.0 + noise, rk.REWARD: 1.9 - gap - noise, rk.GAP: gap + noise, rk.ACCURACY: 0.7})
+    calibration = pd.DataFrame([
+        {"variant": "a", "target": 1.0, "status": "reached", "key": "model.loss.beta", "value": 0.5},
+        {"variant": "b", "target": 1.0, "status": "reached", "key": "model.optimizer.init_args.lr", "value": 1e-4},
+        {"variant": "a", "target": 4.0, "status": "unreachable", "key": "model.loss.beta", "value": 0.5},
+    ])
+    table = rk.at_targets(pd.DataFrame(rows), calibration).set_index("curve")
+    assert list(table["target"]) == [1.0, 1.0] and (table["n"] == 3).all()
+    assert table.loc["a", "gap.mean"] == pytest.approx(0.30 + 0.01 / 3)
+    assert table.loc["b", "gap_vs_best_other.mean"] == pytest.approx(-0.05)
+    assert table.loc["a", "gap_vs_best_other.mean"] == pytest.approx(0.05)
+    assert table.loc["a", "gap_vs_best_other.lo"] <= 0.05 <= table.loc["a", "gap_vs_best_other.hi"]

@@ -270,3 +270,31 @@ def best_setting(g: pd.DataFrame, settings: list[str]) -> dict[str, object]:
             "best_gap.lo": float(low[0]), "best_gap.hi": float(high[0]),
             "best_gap.setting": " ".join(f"{c.rsplit('.', 1)[-1]}={_fmt(chosen[c].iloc[0])}" for c in varying),
             "best_gap.kl": float(chosen[KL].mean())}
+
+
+def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
+    """A calibrating grid's comparison at its KL targets, without interpolation: per (target, curve), the runs at the
+    knob value the calibration chose (`calibration.csv`, reached targets only), their KL, reward and frontier gap
+    (mean and 95% t half-width over seeds), and `gap_vs_best_other`: this curve's gap minus the best other curve's at
+    that target, paired by seed on the seeds all have, with a selection-aware interval (negative: this curve leads).
+    The gap, not the reward, is compared: it allows for the few percent by which the runs' KLs miss the target."""
+    curves, rows = with_curves(runs), []
+    for target, chosen in calibration[calibration["status"] == "reached"].groupby("target"):
+        gaps = {}
+        for _, c in chosen.iterrows():
+            column = str(c["key"]).replace("model.loss.", "loss.", 1)
+            at = curves[(curves["variant"] == c["variant"]) & np.isclose(curves[column].astype(float), c["value"])]
+            gaps[c["variant"]] = at.set_index("seed")[GAP]
+            row = {"target": target, "curve": c["variant"], "knob": column, "value": c["value"]}
+            for name, metric in (("kl", KL), ("reward", REWARD), ("gap", GAP)):
+                row["n"], row[f"{name}.mean"], _, row[f"{name}.ci95"] = _stats(at[metric])
+            rows.append(row)
+        wide = pd.DataFrame(gaps).dropna()
+        if wide.shape[1] > 1 and len(wide) > 1:
+            obs, _, low, high = selection_aware(wide.to_numpy(), minus_best_other)  # the smallest gap is the best
+            for i, name in enumerate(wide.columns):
+                for r in rows:
+                    if r["target"] == target and r["curve"] == name:
+                        r.update({"gap_vs_best_other.mean": obs[i], "gap_vs_best_other.lo": low[i],
+                                  "gap_vs_best_other.hi": high[i], "seeds_compared": len(wide)})
+    return pd.DataFrame(rows)

@@ -102,9 +102,11 @@ def _pm(mean: pd.Series, ci: pd.Series, digits: int = 3) -> pd.Series:
 def summary_view(points: pd.DataFrame) -> pd.DataFrame:
     """The printed summary: one row per setting, mean ± 95% CI across seeds of the headline metrics."""
     view = pd.DataFrame({"curve": points["curve"]})
-    swept = [c for c in points.columns if c.startswith("loss.") and points.groupby("curve")[c].nunique().max() > 1]
-    for c in swept:
-        view[c.removeprefix("loss.")] = points[c]
+    settings = [c for c in points.columns if c not in ("curve", "variant", "loss", "n", "seeds")
+                and not c.endswith((".mean", ".std", ".ci95"))]
+    swept = [c for c in settings if points.groupby("curve")[c].nunique().max() > 1]  # what varies along a curve
+    for c in swept:  # loss hyperparameters, and a knob such as a calibrated learning rate
+        view[c.removeprefix("loss.") if c.startswith("loss.") else c.rsplit(".", 1)[-1]] = points[c]
     view["n"] = points["n"]
     for metric, label, digits in ((rk.KL, "KL", 2), (rk.REWARD, "gold reward", 3), (rk.GAP, "frontier gap", 3),
                                   (rk.ACCURACY, "accuracy", 3), (rk.MARGIN, "margin (nats)", 2)):
@@ -133,6 +135,23 @@ def print_report(out: Path, points: pd.DataFrame, matched: pd.DataFrame, ranked:
         print(behind.pivot(index="curve", columns="kl", values="cell").reindex(curves).fillna("-").to_string())
     if len(ranked):
         print_ranking(ranked)
+
+
+def print_at_targets(table: pd.DataFrame) -> None:
+    """A calibrating grid's comparison at its KL targets (`prefopt.study.ranking.at_targets`)."""
+    if table.empty:
+        return
+    print("\nAt the calibration's KL targets (each loss at the knob value found for it; gap to the frontier, lower is "
+          "better; vs best other: paired by seed, selection-aware 95% interval):\n")
+    view = pd.DataFrame({
+        "target": table["target"], "curve": table["curve"], "knob": table["knob"].str.rsplit(".", n=1).str[-1] + "="
+        + table["value"].map("{:g}".format), "KL": _pm(table["kl.mean"], table["kl.ci95"], 2),
+        "gold reward": _pm(table["reward.mean"], table["reward.ci95"]), "gap": _pm(table["gap.mean"], table["gap.ci95"]),
+        "gap vs best other": _interval(table.get("gap_vs_best_other.mean", pd.Series(math.nan, index=table.index)),
+                                       table.get("gap_vs_best_other.lo", pd.Series(math.nan, index=table.index)),
+                                       table.get("gap_vs_best_other.hi", pd.Series(math.nan, index=table.index))),
+    })
+    print(view.to_string(index=False))
 
 
 def print_ranking(ranked: pd.DataFrame) -> None:
@@ -199,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("matched_kl", matched), ("ranking", ranked)):
         write_csv(table, out / f"{name}.csv")
     print_report(out, summary, matched, ranked)
+    if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
+        targets_table = rk.at_targets(runs, pd.read_csv(out / "calibration.csv"))
+        write_csv(targets_table, out / "at_targets.csv")
+        print_at_targets(targets_table)
     if not args.no_plots:
         written = write_plots(out, runs, summary, history, frontier, targets, best_of_n)
         print("\nwrote " + ", ".join(str(p) for p in written))

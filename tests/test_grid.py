@@ -351,3 +351,14 @@ def test_a_real_micro_grid_runs_two_fits_in_parallel(tmp_path, micro_base, monke
         assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((folder / "metrics.json").read_text())["history"][0]["step"] == 2
     assert list((tmp_path / "cache" / "reference_logps").glob("*.pt")), "the reference log-probs were cached"
+
+
+def test_a_hyperparameter_added_later_at_its_old_behaviour_keeps_recorded_runs(tmp_path):
+    """A run recorded before ORPO gained `nll` (default: the old computation) is the same run, not a stale one; a
+    changed value still is."""
+    old = {"args": ["--seed_everything=0", '--model.loss={"name": "orpo", "lam": 0.1, "ld_alpha": 1.0, "wpo": false}']}
+    now = {"args": ["--seed_everything=0", '--model.loss={"name": "orpo", "lam": 0.1, "nll": "completion", '
+                    '"ld_alpha": 1.0, "wpo": false}']}
+    assert tables.portable_args(old) == tables.portable_args(now)
+    changed = {"args": ["--seed_everything=0", '--model.loss={"name": "orpo", "lam": 0.1, "nll": "prompt_and_completion"}']}
+    assert tables.portable_args(changed) != tables.portable_args(now)

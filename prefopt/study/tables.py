@@ -63,14 +63,31 @@ def run_status(run_dir: Path, spec: Mapping[str, Any] | None = None) -> str:
 
 def portable_args(spec: Mapping[str, Any]) -> list[str]:
     """A run.json's `args` with the base config paths inside its checkout (`root`) made relative to it, so that a
-    grid rerun from a clone or a moved checkout still recognizes its finished runs."""
+    grid rerun from a clone or a moved checkout still recognizes its finished runs; and its loss with every
+    hyperparameter filled in, so that a hyperparameter added to a loss later, at a default that keeps the old
+    computation (ORPO's `nll`, say), does not make the runs recorded before it stale."""
     root = spec.get("root")
     out = []
     for arg in spec.get("args") or []:
         if root and arg.startswith("--config=") and Path(arg[9:]).is_relative_to(root):
             arg = "--config=" + Path(arg[9:]).relative_to(root).as_posix()
+        elif arg.startswith(LOSS_ARG):
+            arg = LOSS_ARG + _complete_loss(arg[len(LOSS_ARG):])
         out.append(arg)
     return out
+
+
+LOSS_ARG = "--model.loss="
+
+
+def _complete_loss(text: str) -> str:
+    """A loss's JSON with its current defaults filled in (as it was, if it no longer validates)."""
+    from prefopt.losses import LossConfig
+
+    try:
+        return json.dumps(LossConfig.from_value(json.loads(text)).to_dict(), sort_keys=True)
+    except (ValueError, TypeError):
+        return text
 
 
 # ---------------------------------------------------------------------------------------------- rows

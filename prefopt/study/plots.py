@@ -30,13 +30,23 @@ def _colors(curves: list[str]) -> dict[str, tuple]:
     return {c: cmap(i % cmap.N) for i, c in enumerate(curves)}
 
 
+SETTING_PREFIXES = ("loss.", "model.", "trainer.", "data.")  # a loss hyperparameter, or a config key a grid assigned
+
+
 def varying_parameters(points: pd.DataFrame) -> list[str]:
-    """The loss hyperparameter columns whose values vary among these points."""
-    return [c for c in points.columns if c.startswith("loss.") and points[c].nunique() > 1]
+    """The setting columns whose values vary among these points: loss hyperparameters first, then config keys (within
+    one curve, a key that varies along it, such as a calibrated learning rate)."""
+    varying = [c for c in points.columns if c.startswith(SETTING_PREFIXES) and points[c].nunique() > 1]
+    return sorted(varying, key=lambda c: not c.startswith("loss."))
+
+
+def setting_label(column: str) -> str:
+    """A setting column as an axis or legend label: beta for loss.beta, lr for model.optimizer.init_args.lr."""
+    return column.removeprefix("loss.") if column.startswith("loss.") else column.rsplit(".", 1)[-1]
 
 
 def swept_parameter(points: pd.DataFrame) -> str | None:
-    """The loss hyperparameter column that varies along a curve (the first, if several); None for one point."""
+    """The setting column that varies along a curve (a loss hyperparameter first, if several); None for one point."""
     varying = varying_parameters(points)
     return varying[0] if varying else None
 
@@ -107,7 +117,7 @@ def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # label the swept values only
     ax.set_xticks(x, [f"{v:g}" for v in x])
-    ax.set_xlabel(param.removeprefix("loss."))
+    ax.set_xlabel(setting_label(param))
     return x
 
 
@@ -150,7 +160,7 @@ def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
 
 
 def _settings(g: pd.DataFrame) -> tuple[list[str], list[tuple]]:
-    """The loss hyperparameters that vary within one curve's runs, and their value combinations, sorted."""
+    """The settings that vary within one curve's runs, and their value combinations, sorted."""
     varying = varying_parameters(g)
     combos = {tuple(row) for row in g[varying].itertuples(index=False)}
     values = sorted(combos, key=lambda v: [(isinstance(x, str), x) for x in v])  # numbers by value, then names
@@ -179,7 +189,7 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
         for k, value in enumerate(values):
             color = cmap(0.9 * k / max(len(values) - 1, 1))  # 0.9: viridis's last yellow is unreadable on white
             setting = g[(g[varying] == pd.Series(value, index=varying)).all(axis=1)] if varying else g
-            label = ", ".join(f"{c.removeprefix('loss.')} {_value(v)}" for c, v in zip(varying, value)) or "all runs"
+            label = ", ".join(f"{setting_label(c)} {_value(v)}" for c, v in zip(varying, value)) or "all runs"
             for i, metric in enumerate(metrics):
                 ax = axes[i][j]
                 for _, seed in setting.groupby("run"):

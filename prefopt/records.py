@@ -102,6 +102,11 @@ class PairLogps:
         """h = r_w - r_l, the log-ratio margin in nats, shape (B,)."""
         return self.chosen_logratios() - self.rejected_logratios()
 
+    def avg_margins(self) -> Tensor:
+        """r_w/|y_w| - r_l/|y_l|: the margin of per-token log-ratios, shape (B,); empty completions count as 1 token."""
+        chosen = self.chosen_logratios() / self.chosen_lengths.clamp(min=1)
+        return chosen - self.rejected_logratios() / self.rejected_lengths.clamp(min=1)
+
 
 @dataclass(frozen=True)
 class UnpairedLogps:

@@ -25,12 +25,6 @@ OpenEpsilon = Annotated[float, Range(0.0, 0.5, low_inclusive=False, high_inclusi
 OpenUnit = Annotated[float, Range(0.0, 1.0, low_inclusive=False, high_inclusive=False)]
 
 
-def _avg_margin(lp: PairLogps) -> Tensor:
-    """r_w/|y_w| - r_l/|y_l|: the margin of length-averaged log-ratios, shape (B,). Empty completions count as 1."""
-    chosen = lp.chosen_logratios() / lp.chosen_lengths.clamp(min=1)
-    return chosen - lp.rejected_logratios() / lp.rejected_lengths.clamp(min=1)
-
-
 @register(
     "dpo",
     paper="Rafailov et al. 2023, arXiv 2305.18290, Eq. 7; cDPO: Mitchell 2023, 'A note on DPO with noisy preferences'; "
@@ -93,7 +87,7 @@ def ipo(lp: PairLogps, *, beta: Positive = 0.1, average_log_probs: bool = False)
     The paper (and the original DPO repository, OpenRLHF) use summed log-probs: the default. TRL and HALOs
     length-average them (a choice the IPO authors confirmed to TRL, not in the paper): average_log_probs=true.
     """
-    h = _avg_margin(lp) if average_log_probs else lp.margins()  # (B,)
+    h = lp.avg_margins() if average_log_probs else lp.margins()  # (B,)
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -124,7 +118,7 @@ def hinge(lp: PairLogps, *, beta: Positive = 0.1) -> Tensor:
 )
 def dpo_norm(lp: PairLogps, *, beta: Positive = 0.1) -> Tensor:
     """Length-normalized DPO: DPO on per-token log-ratios (so beta is on a per-token scale, e.g. 5 in Tulu 3)."""
-    return -F.logsigmoid(beta * _avg_margin(lp))
+    return -F.logsigmoid(beta * lp.avg_margins())
 
 
 @register(

@@ -109,10 +109,7 @@ STD_FLOOR = 1e-12  # floor on a standard deviation that divides (a batch of equa
 
 def pair_margin(record: PairLogps, margin: MarginKind) -> Tensor:
     """The detached margin of each pair, shape (B,): h = r_w - r_l ("sum") or r_w/|y_w| - r_l/|y_l| ("mean")."""
-    if margin == "sum":
-        return record.margins().detach()
-    chosen = record.chosen_logratios() / record.chosen_lengths.clamp(min=1)
-    return (chosen - record.rejected_logratios() / record.rejected_lengths.clamp(min=1)).detach()
+    return (record.margins() if margin == "sum" else record.avg_margins()).detach()
 
 
 class MarginMoments(LossState):

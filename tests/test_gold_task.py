@@ -316,6 +316,28 @@ def test_evaluate_policy_on_the_reference_and_a_perturbed_policy(reference):
     assert m2["sampled_kl"] > 0.01 and m2["frontier_reward"] > task.base_mean_reward()
 
 
+def test_the_evaluation_reads_the_policy_off_its_samples_and_scores_the_reference_sorted(reference):
+    """The two evaluation levers change no number beyond float rounding: the policy's log-probs taken from the
+    sampling pass equal a separate scoring forward, the samples are the same with or without them, and the
+    reference scored in length-sorted chunks equals scoring in order."""
+    from prefopt.gold.evaluation import reference_logps
+
+    model, tok = reference
+    policy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    responses, logps = sample_responses(policy, tok, task.TRAIN_TOPICS, 128, torch.Generator().manual_seed(5),
+                                        max_new_tokens=6, return_logps=True)
+    assert responses == sample_responses(policy, tok, task.TRAIN_TOPICS, 128, torch.Generator().manual_seed(5),
+                                         max_new_tokens=6)
+    assert any(not ended for _, _, ended in responses) and any(ended for _, _, ended in responses)  # both kinds
+    assert torch.allclose(logps, score_responses(policy, tok, responses), atol=1e-4, rtol=0)
+    assert torch.allclose(reference_logps(model, tok, responses), score_responses(model, tok, responses), atol=1e-4,
+                          rtol=0)
+
+
 def test_callback_logs_both_prompt_sets_and_skips_the_sanity_check(reference):
     from prefopt.gold.evaluation import GoldTaskEvaluation
 

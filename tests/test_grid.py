@@ -29,35 +29,52 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "runs", "results", "lightning_logs", ".cache", "node_modules"}
 
 STUB = r'''
-import json, os, sys, time
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-run_dir = os.path.join(args["trainer.logger.init_args.save_dir"], args["trainer.logger.init_args.name"])
-os.makedirs(run_dir, exist_ok=True)
-loss, seed, start = json.loads(args["model.loss"]), int(args.get("seed_everything", 0)), time.time()
-time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
-record = {"run": os.path.basename(run_dir), "start": start, "end": time.time(), "ckpt": args.get("ckpt_path"),
-          "threads": os.environ.get("OMP_NUM_THREADS"), "cache": os.environ.get("PREFOPT_CACHE")}
-with open(os.environ["STUB_LOG"], "a") as f:
-    f.write(json.dumps(record) + "\n")
-if str(loss.get("beta")) == os.environ.get("STUB_FAIL_BETA"):
-    sys.exit("boom: beta " + str(loss["beta"]) + " fails")
-kl = 1.0 / loss["beta"] + 0.1 * seed
-final = {"val/gold/sampled_kl": kl, "val/gold/gold_reward": kl / (1 + kl), "val/accuracy": 0.7}
-metrics = {"final": final, "best": final, "history": [dict(final, step=2.0)], "finished": True, "step": 2}
-tmp = os.path.join(run_dir, ".metrics.json.tmp")
-with open(tmp, "w") as f:
-    json.dump(metrics, f)
-os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+import json, os, signal, sys, time
+
+
+def main(argv):
+    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    run_dir = os.path.join(args["trainer.logger.init_args.save_dir"], args["trainer.logger.init_args.name"])
+    os.makedirs(run_dir, exist_ok=True)
+    loss, seed, start = json.loads(args["model.loss"]), int(args.get("seed_everything", 0)), time.time()
+    time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+    record = {"run": os.path.basename(run_dir), "start": start, "end": time.time(), "ckpt": args.get("ckpt_path"),
+              "threads": os.environ.get("OMP_NUM_THREADS"), "cache": os.environ.get("PREFOPT_CACHE"),
+              "pid": os.getpid()}
+    with open(os.environ["STUB_LOG"], "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("stub run", os.path.basename(run_dir))  # into the run's stdout.log
+    if str(loss.get("beta")) == os.environ.get("STUB_FAIL_BETA"):
+        sys.exit("boom: beta " + str(loss["beta"]) + " fails")
+    if str(loss.get("beta")) == os.environ.get("STUB_RAISE_BETA"):
+        raise RuntimeError("bug: beta " + str(loss["beta"]))
+    if str(loss.get("beta")) == os.environ.get("STUB_CRASH_BETA"):
+        os.kill(os.getpid(), signal.SIGKILL)  # a segfault or the OOM killer: the process is gone
+    kl = 1.0 / loss["beta"] + 0.1 * seed
+    final = {"val/gold/sampled_kl": kl, "val/gold/gold_reward": kl / (1 + kl), "val/accuracy": 0.7}
+    metrics = {"final": final, "best": final, "history": [dict(final, step=2.0)], "finished": True, "step": 2}
+    tmp = os.path.join(run_dir, ".metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f)
+    os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
 '''
 
 
-@pytest.fixture()
-def stub(tmp_path, monkeypatch, micro_base) -> Path:
-    """Runs go to a stub; returns the log file where each stub invocation appends one JSON line."""
+@pytest.fixture(params=["workers", "process per run"])
+def stub(request, tmp_path, monkeypatch, micro_base) -> Path:
+    """Runs go to a stub, in worker processes (the default runner) or a process each (`--fresh-process`, the
+    Ray backend's way); returns the log file where each stub invocation appends one JSON line."""
     script = tmp_path / "stub_fit.py"
     script.write_text(STUB)
     log = tmp_path / "stub_log.jsonl"
-    monkeypatch.setenv("PREFOPT_GRID_FIT_COMMAND", f"{sys.executable} {script}")
+    if request.param == "workers":
+        monkeypatch.setenv("PREFOPT_GRID_FIT_FUNCTION", f"{script}:main")
+    else:
+        monkeypatch.setenv("PREFOPT_GRID_FIT_COMMAND", f"{sys.executable} {script}")
     monkeypatch.setenv("STUB_LOG", str(log))
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
     return log
@@ -323,7 +340,10 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    time.sleep(1.0)  # the stubs die with the grid (PR_SET_PDEATHSIG); give them a moment
+    time.sleep(1.0)  # the stubs (or the workers running them) die with the grid (PR_SET_PDEATHSIG)
+    for pid in {r["pid"] for r in calls(stub)}:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
+            f"process {pid} outlived the grid"
     finished_before = {r for r, s in pd.read_csv(out / "runs.csv")[["run", "status"]].values if s == "ok"}
     assert 2 <= len(finished_before) < 6
     for table in out.glob("*.csv"):  # every table whole: it parses
@@ -335,6 +355,38 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
     assert all(starts[r] == 1 for r in finished_before), "a finished run was run again"
     assert len(starts) == 6 and set(pd.read_csv(out / "runs.csv")["status"]) == {"ok"}
     assert not list(out.glob(".*.tmp"))
+
+
+def test_workers_run_many_runs_each_and_survive_a_failed_run(tmp_path, stub, monkeypatch):
+    """A worker runs run after run in one process; an exception or sys.exit fails that run only, and a run that
+    kills its worker (a crash) fails alone: the next run gets a new worker. Each run's output is in its own logs."""
+    if "PREFOPT_GRID_FIT_FUNCTION" not in os.environ:
+        pytest.skip("worker processes only")
+    monkeypatch.setenv("STUB_FAIL_BETA", "13.0")
+    monkeypatch.setenv("STUB_RAISE_BETA", "14.0")
+    monkeypatch.setenv("STUB_CRASH_BETA", "15.0")
+    path = write_grid(tmp_path, {"axes": {"model.loss.beta": [0.5, 13.0, 1.0, 14.0, 2.0, 15.0, 4.0, 8.0]}})
+    out = tmp_path / "out"
+    assert run_grid(path, out, "--workers", "1") == 1
+    records = calls(stub)
+    pids = [r["pid"] for r in records]
+    assert len(records) == 8 and len(set(pids[:6])) == 1, "one worker ran every run until the crash"
+    assert pids[6] == pids[7] != pids[5], "a new worker after the crash"
+    runs = pd.read_csv(out / "runs.csv").set_index("run")
+    assert runs["status"].value_counts().to_dict() == {"ok": 5, "failed": 3}
+    assert "boom: beta 13.0 fails" in (out / "runs" / "dpo_beta13_seed0" / "error.txt").read_text()
+    assert "RuntimeError: bug: beta 14.0" in (out / "runs" / "dpo_beta14_seed0" / "error.txt").read_text()
+    assert "exit code -9" in (out / "runs" / "dpo_beta15_seed0" / "error.txt").read_text()
+    for name in runs.index:
+        assert (out / "runs" / name / "stdout.log").read_text() == f"stub run {name}\n"
+    assert json.loads((out / "grid.json").read_text())[-1]["processes"] == "workers"
+
+
+def test_a_worker_that_cannot_start_fails_its_run_with_the_reason(tmp_path, micro_base, monkeypatch):
+    monkeypatch.setenv("PREFOPT_GRID_FIT_FUNCTION", f"{tmp_path / 'missing.py'}:main")
+    path = write_grid(tmp_path, {"axes": {"model.loss.beta": [0.5]}})
+    assert run_grid(path, tmp_path / "out") == 1
+    assert "missing.py" in (tmp_path / "out" / "runs" / "dpo_beta0.5_seed0" / "error.txt").read_text()
 
 
 def test_a_real_micro_grid_runs_two_fits_in_parallel(tmp_path, micro_base, monkeypatch):

@@ -69,37 +69,33 @@ def collate_shared_pairs(
     b = len(prompts)
     chosen_in, rejected_in = [c[:-1] for c in chosen], [r[:-1] for r in rejected]  # the eos predicts nothing
     width = max(map(shared_row_length, prompts, chosen, rejected))
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    part_ids = torch.full((b, width), 3, dtype=torch.long)
-    label_mask = torch.zeros((2 * b, max(max(map(len, chosen)), max(map(len, rejected)))), dtype=torch.bool)
-    chosen_pred, rejected_pred = [], []
+    # Built as Python lists and converted once per field: a few tensors per pair cost more than the forward here.
+    ids, positions, parts, chosen_pred, rejected_pred = [], [], [], [], []
     for i in range(b):
         n_p, k_c, k_r = len(prompts[i]), len(chosen_in[i]), len(rejected_in[i])  # tokens in the row
-        n = n_p + k_c + k_r
-        input_ids[i, :n] = torch.tensor(prompts[i] + chosen_in[i] + rejected_in[i], dtype=torch.long)
-        position_ids[i, :n] = torch.cat([torch.arange(n_p + k_c), torch.arange(n_p, n_p + k_r)])
-        part_ids[i, :n] = torch.tensor([0] * n_p + [1] * k_c + [2] * k_r)
-        label_mask[i, : len(chosen[i])] = True
-        label_mask[b + i, : len(rejected[i])] = True
-        chosen_pred.append(i * width + torch.arange(n_p - 1, n_p - 1 + len(chosen[i])))
-        first = [n_p - 1] if rejected[i] else []
-        rejected_pred.append(i * width + torch.tensor(first + list(range(n_p + k_c, n)), dtype=torch.long))
-    pred_index = torch.cat(chosen_pred + rejected_pred)
+        n, pad = n_p + k_c + k_r, width - n_p - k_c - k_r
+        ids += prompts[i] + chosen_in[i] + rejected_in[i] + [pad_id] * pad
+        positions += [*range(n_p + k_c), *range(n_p, n_p + k_r)] + [0] * pad
+        parts += [0] * n_p + [1] * k_c + [2] * k_r + [3] * pad
+        chosen_pred += range(i * width + n_p - 1, i * width + n_p - 1 + len(chosen[i]))
+        rejected_pred += ([i * width + n_p - 1] if rejected[i] else []) + list(range(i * width + n_p + k_c, i * width + n))
+    lengths = [len(c) for c in chosen] + [len(r) for r in rejected]
+    label_mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]  # (2B, L)
+    pred_index = torch.tensor(chosen_pred + rejected_pred, dtype=torch.long)
     # The prompt's own labels x_1 .. x_{P-1}, predicted by positions 0 .. P-2 (read only for ORPO's prompt NLL).
     prompt_width = max(map(len, prompts))
     prompt_mask = torch.tensor([[1] * len(p) + [0] * (prompt_width - len(p)) for p in prompts], dtype=torch.long)
-    prompt_pred = [i * width + torch.arange(max(len(p) - 1, 0)) for i, p in enumerate(prompts)]
+    prompt_pred = [j for i, p in enumerate(prompts) for j in range(i * width, i * width + max(len(p) - 1, 0))]
     return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "part_ids": part_ids,
+        "input_ids": torch.tensor(ids, dtype=torch.long).view(b, width),
+        "position_ids": torch.tensor(positions, dtype=torch.long).view(b, width),
+        "part_ids": torch.tensor(parts, dtype=torch.long).view(b, width),
         "completion_mask": F.pad(label_mask.long(), (1, 0)),
         "pred_index": pred_index,
         "read_rows": pred_index.unique(),
         "labels": torch.tensor([t for c in chosen for t in c] + [t for r in rejected for t in r], dtype=torch.long),
         "prompt_mask": prompt_mask,
-        "prompt_pred_index": torch.cat(prompt_pred).long(),
+        "prompt_pred_index": torch.tensor(prompt_pred, dtype=torch.long),
         "prompt_labels": torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long),
     }
 

@@ -34,6 +34,7 @@ from prefopt.gold.sampling import sample_responses, score_responses
 
 log = logging.getLogger(__name__)
 SHORT_WORDS = 4  # fewer words than the base's minimum length counts as "short"
+SCORE_CHUNK = 512  # responses per reference forward in the evaluation (sorted by length)
 
 
 def evaluate_policy(
@@ -52,8 +53,9 @@ def evaluate_policy(
     """
     per_topic = math.ceil(num_samples / len(topics))
     generator = torch.Generator().manual_seed(seed)
-    responses = sample_responses(policy, tokenizer, topics, per_topic, generator, max_new_tokens=max_new_tokens)
-    logratio = (score_responses(policy, tokenizer, responses) - score_responses(reference, tokenizer, responses))
+    responses, policy_logps = sample_responses(policy, tokenizer, topics, per_topic, generator,
+                                               max_new_tokens=max_new_tokens, return_logps=True)
+    logratio = policy_logps - reference_logps(reference, tokenizer, responses)
     rewards = np.array([task.gold_reward(topic, words) for topic, words, _ in responses])
     lengths = np.array([len(words) for _, words, _ in responses])
     # An empty response has no words; count its distinct ratio as 0 (degenerate) rather than drop it.
@@ -72,6 +74,16 @@ def evaluate_policy(
         "distinct_ratio": float(distinct.mean()),
         "eos_rate": float(np.mean([ended for _, _, ended in responses])),
     }
+
+
+def reference_logps(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list) -> torch.Tensor:
+    """`score_responses` under the reference, in chunks of similar lengths (sorted, then put back in order): the
+    padding that a chunk of mixed lengths carries to its longest response is most of a full chunk's positions."""
+    order = sorted(range(len(responses)), key=lambda i: len(responses[i][1]) + responses[i][2])
+    scored = score_responses(reference, tokenizer, [responses[i] for i in order], batch_size=SCORE_CHUNK)
+    out = torch.empty_like(scored)
+    out[torch.tensor(order, dtype=torch.long)] = scored
+    return out
 
 
 class GoldTaskEvaluation(L.Callback):

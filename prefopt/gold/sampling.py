@@ -33,8 +33,11 @@ def sample_responses(
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     batch_size: int = 4096,
-) -> list[Response]:
-    """Sample `num_per_topic` responses per topic; returns (topic, words, ended_with_eos) in topic order.
+    return_logps: bool = False,
+) -> list[Response] | tuple[list[Response], torch.Tensor]:
+    """Sample `num_per_topic` responses per topic; returns (topic, words, ended_with_eos) in topic order, and with
+    `return_logps` also each response's summed completion log-prob under `model` at temperature 1 (what
+    `score_responses(model, ...)` computes, read off the sampling pass's own logits: no second forward).
 
     Tokens are drawn on the CPU from `generator` (a CPU generator), whatever the model's device, so the
     samples depend only on the generator's state and the model's probabilities. A response that reaches
@@ -49,6 +52,7 @@ def sample_responses(
     was_training = model.training
     model.eval()
     out: list[Response] = []
+    logps = torch.zeros(len(rows))
     try:
         for start in range(0, len(rows), batch_size):
             chunk = prompts[start : start + batch_size]
@@ -67,6 +71,9 @@ def sample_responses(
                 else:
                     probs = torch.softmax(logits / temperature, dim=-1)
                     token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                if return_logps:  # the temperature-1 log-prob of the drawn token, for the rows still running
+                    picked = torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
+                    logps[start : start + len(chunk)] += torch.where(done, 0.0, picked)
                 token = torch.where(done, pad_id, token)  # finished rows keep feeding pad; ignored
                 generated[:, step] = token
                 done |= token == eos_id
@@ -79,7 +86,7 @@ def sample_responses(
                 out.append((topic, tokenizer.convert_ids_to_tokens(words), ended))
     finally:
         model.train(was_training)
-    return out
+    return (out, logps) if return_logps else out
 
 
 @torch.no_grad()

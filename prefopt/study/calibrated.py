@@ -24,6 +24,7 @@ from typing import Any
 from prefopt.study.calibration import Knob, Point, outcome, propose
 from prefopt.study.grid import LOSS_KEY, SEED_KEY, Grid, GridError, Run, base_values, expand, lookup, merge_loss
 from prefopt.study.runner import GridRunner
+from prefopt.study.worker import WorkerPool
 from prefopt.study.tables import METRICS_FILE, write_atomic
 
 
@@ -110,15 +111,17 @@ class Calibration:
             runs.append(run)
         return points, runs, None
 
-    def search(self, workers: int, launcher: Any = None) -> int:
-        """Run search rounds until every variant's search is over; 0 if no round stopped early."""
+    def search(self, workers: int, launcher: Any = None, **how: Any) -> int:
+        """Run search rounds until every variant's search is over; 0 if no round stopped early. `how`: the
+        GridRunner's `fresh_process` and `pool` (one pool serves every round)."""
         while True:
             states = [self.replay(i) for i in range(len(self.knobs))]
             pending = [s[2] for s in states if s[2] is not None]
             if not pending:
                 return 0
             done = [r for s in states for r in s[1]]
-            runner = GridRunner(self.grid, done + pending, self.out / "calibration", workers=workers, launcher=launcher)
+            runner = GridRunner(self.grid, done + pending, self.out / "calibration", workers=workers, launcher=launcher,
+                                **how)
             if runner.run() not in (0, 1):  # 1: some run failed (a point without KL); anything else: interrupted
                 return 130
             if all(self.checker.status(r) not in ("ok", "failed") for r in pending):
@@ -166,18 +169,26 @@ class Calibration:
               f"{self.spec.runs_per_loss} search runs at most each, seed {self.spec.seed}; the evaluation runs follow")
 
 
-def run_calibrated(calibration: Calibration, workers: int, launcher: Any = None, dry_run: bool = False) -> int:
-    """The whole command for a calibrating grid: search, write the calibration, run the evaluation seeds."""
+def run_calibrated(calibration: Calibration, workers: int, launcher: Any = None, dry_run: bool = False,
+                   fresh_process: bool = False) -> int:
+    """The whole command for a calibrating grid: search, write the calibration, run the evaluation seeds (every
+    round and the evaluation in the same worker processes)."""
     grid, out = calibration.grid, calibration.out
     if dry_run:
         calibration.print_plan()
         return 0
-    code = calibration.search(workers, launcher)
-    calibration.write_report()
-    if code == 130:
-        return code
-    evaluation = calibration.evaluation_runs()
-    if not evaluation:
-        print("calibration: no variant reached a target; see calibration.csv", file=sys.stderr)
-        return 1
-    return max(code, GridRunner(grid, evaluation, out, workers=workers, launcher=launcher).run())
+    pool = WorkerPool()
+    try:
+        code = calibration.search(workers, launcher, fresh_process=fresh_process, pool=pool)
+        calibration.write_report()
+        if code == 130:
+            return code
+        evaluation = calibration.evaluation_runs()
+        if not evaluation:
+            print("calibration: no variant reached a target; see calibration.csv", file=sys.stderr)
+            return 1
+        runner = GridRunner(grid, evaluation, out, workers=workers, launcher=launcher, fresh_process=fresh_process,
+                            pool=pool)
+        return max(code, runner.run())
+    finally:
+        pool.close()

@@ -75,6 +75,9 @@ class PairLogps:
     # |x| - 1 (the first token predicts nothing): ORPO's NLL over prompt and completion, as TRL and its authors' code.
     policy_prompt_logps: Tensor | None = None
     prompt_lengths: Tensor | None = None
+    # The fraction of the run's optimizer steps done before this step, in [0, 1): a detached scalar for a loss whose
+    # hyperparameter follows a schedule over training (DPO-Shift's linear f(lambda)); filled by `TrainingProgress`.
+    training_progress: Tensor | None = None
 
     def replace(self, **changes: Tensor | None) -> PairLogps:
         return dataclasses.replace(self, **changes)

@@ -42,6 +42,14 @@ def test_every_registered_loss_trains_end_to_end(name, micro_base):
     assert all(k.startswith(("policy.", "loss_state.")) for k in ckpt["state_dict"])
 
 
+def test_a_scheduled_loss_sees_the_runs_progress(micro_base):
+    """The module tells the loss state the optimizer steps done and the run's total before each step: DPO-Shift's
+    linear schedule reads t = 3/4 at the last of 4 steps."""
+    cli, _ = _fit('--model.loss={name: dpo_shift, schedule: increase_linear, f_lambda: 0.9, f_lambda_min: 0.5}')
+    (state,) = cli.model.loss_state
+    assert cli.trainer.global_step == 4 and state.progress == 0.75
+
+
 def test_resumed_run_matches_uninterrupted_run(micro_base, tmp_path):
     """A run killed after step 4 and resumed from its step-4 checkpoint ends exactly like an uninterrupted run.
 

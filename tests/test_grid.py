@@ -326,6 +326,30 @@ def test_table_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"], "no temporary file left behind"
 
 
+def test_tables_read_a_run_folder_again_only_when_its_files_change(tmp_path, monkeypatch):
+    """Rows are kept between the table writes of one grid (it rewrites them after every run); a folder whose
+    run.json, metrics.json, config.yaml or error.txt changed is read again, so the tables never go stale."""
+    folders = []
+    for i in range(3):
+        folder = tmp_path / "runs" / f"r{i}"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"loss": {"name": "dpo", "beta": i + 1}, "seed": 0}))
+        (folder / "metrics.json").write_text(json.dumps({"finished": True, "final": {"val/accuracy": 0.5}}))
+        folders.append(folder)
+    tables.write_tables(tmp_path, folders)
+    reads = []
+    original = tables.run_row
+    monkeypatch.setattr(tables, "run_row", lambda d: reads.append(d.name) or original(d))
+    tables.write_tables(tmp_path, folders)
+    assert reads == [], "unchanged folders are not read again"
+    (folders[1] / "metrics.json").write_text(json.dumps({"finished": True, "final": {"val/accuracy": 0.75}}))
+    (folders[2] / "error.txt").write_text("boom")
+    runs = tables.write_tables(tmp_path, folders).set_index("run")
+    assert sorted(reads) == ["r1", "r2"]
+    assert runs.loc["r1", "val/accuracy"] == 0.75 and runs.loc["r2", "status"] == "failed"
+    assert pd.read_csv(tmp_path / "runs.csv").set_index("run").loc["r1", "val/accuracy"] == 0.75
+
+
 def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkeypatch):
     monkeypatch.setenv("STUB_SLEEP", "0.7")
     path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})

@@ -194,6 +194,29 @@ def test_dpo_shift_scales_the_rejected_gradient_by_f_lambda() -> None:
     torch.testing.assert_close(same, LossConfig("dpo", beta=0.3)(hand_pairs()), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("schedule, f_at", [("increase_linear", lambda t: 0.5 + 0.4 * t),
+                                            ("decrease_linear", lambda t: 0.9 - 0.4 * t)])
+def test_dpo_shift_schedules_move_f_linearly_with_training_progress(schedule, f_at) -> None:
+    """f runs from f_lambda_min to f_lambda (or back) as the run's progress t goes 0 -> 1; at each t the loss is the
+    fixed strategy's at that f; the progress comes from the TrainingProgress state, told the trainer's steps."""
+    from prefopt.losses.state import TrainingProgress
+
+    config = LossConfig("dpo_shift", beta=0.5, f_lambda=0.9, f_lambda_min=0.5, schedule=schedule)
+    assert "training_progress" in config.reads and config.state == (TrainingProgress,)
+    state = TrainingProgress()
+    for step, total in ((0, 300), (75, 300), (299, 300), (300, 300)):
+        state.set_progress(step, total)
+        lp = state.read(hand_pairs())
+        assert float(lp.training_progress) == pytest.approx(step / total)
+        fixed = LossConfig("dpo_shift", beta=0.5, f_lambda=f_at(step / total))(hand_pairs())
+        torch.testing.assert_close(config(lp), fixed, rtol=0, atol=1e-6)
+    assert LossConfig("dpo_shift").state == () and "training_progress" not in LossConfig("dpo_shift").reads
+    with pytest.raises(ValueError, match="training_progress"):
+        config(hand_pairs())  # no state ran: the field is missing, and the loss says which
+    with pytest.raises(ValueError, match="must not exceed f_lambda"):
+        LossConfig("dpo_shift", f_lambda=0.5, f_lambda_min=0.8, schedule="decrease_linear")
+
+
 def test_focalpo_weights_pairs_by_their_ranking_probability() -> None:
     """gamma = 0 is DPO; the loss is DPO's times p^gamma; its gradient in z = beta h is -p^gamma (1 - p)(1 + gamma
     log p) with the weight's own gradient, -p^gamma (1 - p) with it detached."""

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.losses.registry import register
+from prefopt.losses.options import option_reads
+from prefopt.losses.registry import BASE_FIELDS, REFERENCE_FIELDS, register
 from prefopt.losses.schema import NonNegative, Positive, Range
+from prefopt.losses.state import TrainingProgress
 from prefopt.records import PairLogps
 
 OpenUnitHigh = Annotated[float, Range(0.0, 1.0, low_inclusive=False)]  # (0, 1]
@@ -68,19 +70,51 @@ def minor_dpo(lp: PairLogps, *, beta: Positive = 0.1) -> Tensor:
 @register(
     "dpo_shift",
     paper="Yang et al. 2025, 'DPO-Shift: Shifting the Distribution of Direct Preference Optimization', "
-    "arXiv 2502.07599 (fixed strategy)",
-    formula="L(beta r_w - f_lambda beta r_l), f_lambda in (0, 1]",
+    "arXiv 2502.07599 (fixed and linear strategies)",
+    formula="L(beta r_w - f beta r_l), f = f_lambda (fixed) or linear in the training progress t between f_lambda_min "
+    "and f_lambda",
     needs_reference=True,
 )
-def dpo_shift(lp: PairLogps, *, beta: Positive = 0.1, f_lambda: OpenUnitHigh = 0.9) -> Tensor:
+def dpo_shift(
+    lp: PairLogps,
+    *,
+    beta: Positive = 0.1,
+    f_lambda: OpenUnitHigh = 0.9,
+    schedule: Literal["fixed", "increase_linear", "decrease_linear"] = "fixed",
+    f_lambda_min: OpenUnitHigh = 0.5,
+) -> Tensor:
     """DPO-Shift: the rejected reward scaled by f(lambda) <= 1, trading reward margin for chosen likelihood.
 
-    f_lambda = 1 is DPO. Only the paper's `fixed` strategy is implemented: its `increase_linear` / `decrease_linear`
-    schedules move f(lambda) linearly between lambda_min and lambda_max with the training step, which a loss (a pure
-    function of the record) does not see. Same as the authors' code (DPOShiftTrainer.dpo_loss, f_lambda =
-    dpo_lambda, which also scales the reference's rejected log-prob). TRL has no DPO-Shift.
+    f_lambda = 1 is DPO. schedule=fixed keeps f = f_lambda (as the authors' DPOShiftTrainer.dpo_loss, whose
+    dpo_lambda also scales the reference's rejected log-prob). The linear strategies move f with the fraction t of the
+    run done (`training_progress`, from `TrainingProgress`): increase_linear f = f_lambda_min + (f_lambda -
+    f_lambda_min) t, decrease_linear f = f_lambda - (f_lambda - f_lambda_min) t, so f_lambda is the largest value
+    and f_lambda_min the smallest; the paper names these strategies, but the exact parametrization of its schedules
+    could not be read here (this one interpolates linearly in optimizer steps). TRL has no DPO-Shift.
     """
-    return -F.logsigmoid(beta * (lp.chosen_logratios() - f_lambda * lp.rejected_logratios()))
+    f = f_lambda
+    if schedule != "fixed":
+        if lp.training_progress is None:
+            raise ValueError(f"dpo_shift with schedule={schedule} reads lp.training_progress (TrainingProgress fills it)")
+        t = lp.training_progress.detach()
+        f = f_lambda_min + (f_lambda - f_lambda_min) * (t if schedule == "increase_linear" else 1 - t)
+    return -F.logsigmoid(beta * (lp.chosen_logratios() - f * lp.rejected_logratios()))
+
+
+dpo_shift.reads = lambda params: (  # type: ignore[attr-defined]  (the progress only for a linear schedule)
+    BASE_FIELDS[True] | REFERENCE_FIELDS[True] | option_reads(params, True)
+    | (frozenset({"training_progress"}) if params["schedule"] != "fixed" else frozenset())
+)
+dpo_shift.state = lambda params: (TrainingProgress,) if params["schedule"] != "fixed" else ()  # type: ignore
+
+
+def _dpo_shift_check(params: dict, where: str) -> None:
+    if params["schedule"] != "fixed" and params["f_lambda_min"] > params["f_lambda"]:
+        raise ValueError(f"{where}: f_lambda_min ({params['f_lambda_min']}) must not exceed f_lambda "
+                         f"({params['f_lambda']}), the schedule's largest value")
+
+
+dpo_shift.check_params = _dpo_shift_check  # type: ignore[attr-defined]
 
 
 @register(

@@ -52,6 +52,27 @@ class LossState(nn.Module):
     def read(self, record: Record) -> Record:
         return record
 
+    def set_progress(self, step: int, total: int) -> None:
+        """Told, before every training step, the optimizer steps done and the run's total; most states ignore it."""
+
+
+class TrainingProgress(LossState):
+    """The fraction of the run done, t = optimizer steps done / the run's total optimizer steps (0 outside a fit,
+    and on validation before any training step): what a scheduled hyperparameter reads. Derived from the trainer's
+    step counter at every step, so a resumed run continues its schedule without a buffer of its own."""
+
+    fields = ("training_progress",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = 0.0
+
+    def set_progress(self, step: int, total: int) -> None:
+        self.progress = min(1.0, max(0.0, step / max(1, total)))
+
+    def read(self, record: Record) -> Record:
+        return record.replace(training_progress=record.policy_chosen_logps.new_tensor(self.progress))
+
 
 class RunningLogratioMean(LossState):
     """The mean of every chosen and rejected log-ratio r = logp - ref_logp seen in training so far, over all ranks

@@ -88,6 +88,7 @@ class PreferenceModule(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
+        self._total_steps = 1  # set by on_fit_start
         self._unchecked_steps = 0
         self.loss = loss
         self.scorer = Scorer(scoring, loss)  # refuses a loss that reads what these settings cannot produce
@@ -178,6 +179,8 @@ class PreferenceModule(L.LightningModule):
         return ref
 
     def on_fit_start(self) -> None:
+        # The run's optimizer steps (max_steps, or what the epochs make): the loss state's measure of progress.
+        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         self.scorer.use_reference_table(None)
         if not self.scorer.caches_reference:
             return
@@ -207,6 +210,7 @@ class PreferenceModule(L.LightningModule):
         record = self.scorer.score(self.policy, self.reference if self.scorer.live_reference else None, batch)
         collective = self._collective()
         for state in self.loss_state:
+            state.set_progress(self.global_step, self._total_steps)
             record = state.update(record, collective)
         loss = self.loss(record).mean()
         self._check_finite(loss.detach())

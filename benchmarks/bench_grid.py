@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default="experiments/grids/default.yaml")
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose runner is the old way")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--runs", default="*", help="only these runs (shell patterns, as `grid --runs`)")
+    parser.add_argument("--runs", default="*", help="only these runs (shell patterns as `grid --runs`, without the "
+                        "seed: each slice appends _seed<N>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as `grid --set`, both ways")
     parser.add_argument("--out", default="/tmp/bench_grid", help="scratch folder (removed first)")
     parser.add_argument("--json", help="also write the record here")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ways = {"old": (baseline, out / "old"), "new": (ROOT, out / "new")}
     slices = []
     for k, seed in enumerate(seeds_of(grid)):
-        pattern = ",".join(f"{p}_seed{seed}" if not p.endswith(f"seed{seed}") else p for p in args.runs.split(","))
+        pattern = ",".join(f"{p}_seed{seed}" for p in args.runs.split(","))
         times = {}
         for way in (("old", "new") if k % 2 == 0 else ("new", "old")):
             tree, folder = ways[way]

@@ -112,9 +112,8 @@ class GridRunner:
         self.grid, self.runs, self.out = grid, runs, Path(out)
         self.workers = max(1, workers)
         self.launcher = launcher
-        pooled = launcher is None and not fresh_process and (FIT_FUNCTION in os.environ
-                                                              or "PREFOPT_GRID_FIT_COMMAND" not in os.environ)
-        self.pooled = pooled
+        self.pooled = launcher is None and not fresh_process and (FIT_FUNCTION in os.environ
+                                                                   or "PREFOPT_GRID_FIT_COMMAND" not in os.environ)
         self.own_pool = pool is None
         self.pool = pool if pool is not None else WorkerPool()
         self.threads = max(1, default_workers() // self.workers) if launcher is None else max(1, int(launcher.num_cpus))
@@ -134,12 +133,16 @@ class GridRunner:
     def status(self, run: Run) -> str:
         return run_status(self.run_dir(run), self.spec(run))
 
-    def command(self, run: Run, resume: Path | None) -> list[str]:
+    def fit_args(self, run: Run, resume: Path | None) -> list[str]:
+        """The run's arguments after `fit`: whether a worker or a fresh process runs it."""
         # The run's folder is <out>/runs/<name>/: the logger's save_dir and name, and an empty version (no version_<n>).
         logger = "--trainer.logger.init_args."
-        args = [*fit_command(), *run.overrides(self.grid.base), f"{logger}save_dir={self.out.resolve() / 'runs'}",
+        args = [*run.overrides(self.grid.base), f"{logger}save_dir={self.out.resolve() / 'runs'}",
                 f"{logger}name={run.name}", f"{logger}version="]
         return args + ([f"--ckpt_path={resume}"] if resume else [])
+
+    def command(self, run: Run, resume: Path | None) -> list[str]:
+        return [*fit_command(), *self.fit_args(run, resume)]
 
     def environment(self) -> dict[str, str]:
         from prefopt.gold.build import default_cache_dir  # the one cache every run of every grid shares
@@ -177,8 +180,8 @@ class GridRunner:
                                           run_dir / "stderr.log")
             return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
         if self.pooled:
-            args = ["fit", *self.command(run, resume)[len(fit_command()):]]
-            process = self.pool.start(args, run_dir / "stdout.log", run_dir / "stderr.log")
+            process = self.pool.start(["fit", *self.fit_args(run, resume)], run_dir / "stdout.log",
+                                      run_dir / "stderr.log")
             return Active(run, process, time.perf_counter(), stderr, step, os.getloadavg()[0])
         stdout = open(run_dir / "stdout.log", "ab")
         process = subprocess.Popen(self.command(run, resume), env=env, stdout=stdout, stderr=stderr, cwd=Path.cwd(),
@@ -210,13 +213,13 @@ class GridRunner:
             if self.own_pool:
                 self.pool.close()
 
-    def start_workers(self, count: int | None = None) -> None:
-        """Start the worker processes now (their imports then overlap whatever the grid does before its runs)."""
+    def start_workers(self, count: int) -> None:
+        """Start `count` worker processes now (their imports then overlap whatever the grid does before its runs)."""
         if not self.pooled:
             return
         if self.pool.env is None:
             self.pool.env, self.pool.preexec_fn = self.environment(), die_with_parent if sys.platform == "linux" else None
-        self.pool.prestart(self.workers if count is None else count)
+        self.pool.prestart(count)
 
     def _run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,6 @@ def serve() -> None:
     except BaseException:  # noqa: BLE001
         answers.write(json.dumps({"fatal": traceback.format_exc()}) + "\n")
         raise SystemExit(1) from None
-    answers.write(json.dumps({"ready": os.getpid()}) + "\n")
     for line in sys.stdin:
         if line.strip():
             answers.write(json.dumps({"code": run_one(fit, json.loads(line))}) + "\n")
@@ -131,6 +130,7 @@ class Worker:
         self.buffer = b""
         self.fatal: str | None = None
         self.busy = False
+        self.stderr: Path | None = None  # the current run's stderr log
 
     @property
     def alive(self) -> bool:
@@ -161,7 +161,7 @@ class Worker:
                 return int(message["code"])
         if not self.alive:
             self.busy = False
-            if self.fatal:  # the worker could not start: its traceback is the run's stderr
+            if self.fatal and self.stderr is not None:  # the worker could not start: its traceback is the run's stderr
                 with open(self.stderr, "a") as err:
                     err.write(self.fatal)
             code = self.process.returncode
@@ -206,7 +206,8 @@ class WorkerPool:
 
     def prestart(self, count: int) -> None:
         """Start workers ahead of their first run, so that their imports overlap the grid's own preparations."""
-        while sum(w.alive for w in self.workers) < count:
+        self.workers = [w for w in self.workers if w.alive or w.busy]
+        for _ in range(count - len(self.workers)):
             self.workers.append(Worker(self.env, self.cwd, self.preexec_fn))
 
     def start(self, args: list[str], stdout: Path, stderr: Path) -> PooledRun:

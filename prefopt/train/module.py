@@ -88,7 +88,7 @@ class PreferenceModule(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
-        self._total_steps = 1  # set by on_fit_start
+        self._total_steps = 1  # the run's optimizer steps, set by configure_optimizers: the loss state's progress
         self._unchecked_steps = 0
         self.loss = loss
         self.scorer = Scorer(scoring, loss)  # refuses a loss that reads what these settings cannot produce
@@ -179,8 +179,6 @@ class PreferenceModule(L.LightningModule):
         return ref
 
     def on_fit_start(self) -> None:
-        # The run's optimizer steps (max_steps, or what the epochs make): the loss state's measure of progress.
-        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         self.scorer.use_reference_table(None)
         if not self.scorer.caches_reference:
             return
@@ -294,7 +292,7 @@ class PreferenceModule(L.LightningModule):
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
 
         def factor(step: int) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from prefopt.train.data import PreferenceDataModule
-from prefopt.fast.scorer import FROM_DATA, check_config
+from prefopt.fast.scorer import EXTRA, FROM_DATA, check_config
 from prefopt.losses import LossConfig
 from prefopt.train.builtin import BUILTIN
 from prefopt.train.module import PreferenceModule
@@ -55,6 +55,10 @@ def _unpaired(loss: LossConfig) -> bool:
 
 def _reads_scores(loss: LossConfig) -> bool:
     return bool(loss.reads & set(FROM_DATA))
+
+
+def _reads_extras(loss: LossConfig) -> bool:
+    return bool(loss.reads & (EXTRA | {"extra_scores"}))
 
 
 def _short(source: str) -> str:
@@ -128,6 +132,7 @@ class PrefoptCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("model.loss", "data.unpaired", compute_fn=_unpaired)
         parser.link_arguments("model.loss", "data.scores", compute_fn=_reads_scores)  # ODPO, ties, ...: the data's scores
+        parser.link_arguments("model.loss", "data.extras", compute_fn=_reads_extras)  # TPO, InfoNCA-K: more responses
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("model.scoring.share_prompt", "data.share_prompt")  # the scorer owns the layout
 

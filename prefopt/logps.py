@@ -83,6 +83,13 @@ def pair_logps(
     )
 
 
+def response_sums(token_logps: Tensor, completion_mask: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs and token counts of a block of further responses, M per pair in pair-major order
+    (row p * M + m is response m of pair p): both shaped (pairs, M)."""
+    lengths = completion_mask[:, 1:].sum(-1).to(torch.float32)
+    return token_logps.sum(-1).view(pairs, -1), lengths.view(pairs, -1)
+
+
 def unpaired_logps(
     policy_token_logps: Tensor, completion_mask: Tensor, desirable: Tensor, ref_token_logps: Tensor | None = None
 ) -> UnpairedLogps:

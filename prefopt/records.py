@@ -78,6 +78,14 @@ class PairLogps:
     # The fraction of the run's optimizer steps done before this step, in [0, 1): a detached scalar for a loss whose
     # hyperparameter follows a schedule over training (DPO-Shift's linear f(lambda)); filled by `TrainingProgress`.
     training_progress: Tensor | None = None
+    # The data's further responses to each pair's prompt (`data.extras`): M per pair, the same M for every pair, all
+    # (B, M). Their summed completion log-probs under the policy (with gradient) and the reference, their token counts,
+    # and their scores (the data's `extra_scores`; on the built-in task, the gold rewards). TPO reads one gold response
+    # (M = 1), InfoNCA with K responses reads K - 2 scored ones besides the pair.
+    policy_extra_logps: Tensor | None = None
+    ref_extra_logps: Tensor | None = None
+    extra_lengths: Tensor | None = None
+    extra_scores: Tensor | None = None
 
     def replace(self, **changes: Tensor | None) -> PairLogps:
         return dataclasses.replace(self, **changes)

@@ -55,6 +55,16 @@ def t(xs: list[float], grad: bool = False) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float64, requires_grad=grad)
 
 
+def t2(rows: list[list[float]], grad: bool = False) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=grad)
+
+
+# Two further responses per pair (B, 2): logp, ref_logp, lengths and scores; log-ratios [[1, 0], [-1, 1], [0, 2]].
+PX, RX = [[-3.0, -5.0], [-7.0, -2.0], [-4.0, -4.0]], [[-4.0, -5.0], [-6.0, -3.0], [-4.0, -6.0]]
+LX, SX = [[1.0, 2.0], [3.0, 1.0], [2.0, 2.0]], [[3.0, 0.0], [1.0, 2.0], [0.5, 0.5]]
+PX0, SX0 = [[-2.0, -3.0], [-1.0, -4.0], [-5.0, -2.0]], [[0.0, 0.0], [0.0, 0.0], [-2.0, -2.0]]
+
+
 def hand_pairs(grad: bool = False) -> PairLogps:
     """The record above; shared sums cover the first min(|y_w|, |y_l|) = [2, 2, 1] tokens."""
     return PairLogps(
@@ -72,6 +82,8 @@ def hand_pairs(grad: bool = False) -> PairLogps:
         ref_chosen_sampled_logps=t([-5.0, -3.0, -4.0]), ref_rejected_sampled_logps=t([-3.0, -6.0, -2.0]),
         policy_chosen_aligned_logps=t([-1.0, -0.6, 0.5]), policy_rejected_aligned_logps=t([-2.0, 0.2, 0.3]),
         policy_prompt_logps=t([-3.0, -2.0, -4.0], grad), prompt_lengths=t([2.0, 2.0, 3.0]),
+        # two further responses per pair (tests/cases_extras.py explains them)
+        policy_extra_logps=t2(PX, grad), ref_extra_logps=t2(RX), extra_lengths=t2(LX), extra_scores=t2(SX),
     )
 
 
@@ -105,6 +117,8 @@ def init_pairs(grad: bool = False) -> PairLogps:
         ref_chosen_sampled_logps=t(shared), ref_rejected_sampled_logps=t(shared),
         policy_chosen_aligned_logps=t([-0.5 * n for n in LW0]), policy_rejected_aligned_logps=t([-0.5 * n for n in LL0]),
         policy_prompt_logps=t([-2.0] * 3, grad), prompt_lengths=t([2.0] * 3),
+        policy_extra_logps=t2(PX0, grad), ref_extra_logps=t2(PX0), extra_lengths=t2([[-x for x in r] for r in PX0]),
+        extra_scores=t2(SX0),
     )
 
 

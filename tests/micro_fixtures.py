@@ -41,8 +41,9 @@ def save_micro_model(directory: Path, seed: int = 0) -> Path:
 
 def write_micro_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
     """Pairs whose chosen completion has more positive words (jsonl: prompt, chosen, rejected, and the scores
-    chosen_score / rejected_score: positive minus negative words, read by the losses that use scores)."""
-    rng = random.Random(seed)
+    chosen_score / rejected_score: positive minus negative words, read by the losses that use scores; and two further
+    responses per prompt, `extra`, with their `extra_scores`, read by TPO and InfoNCA with K responses)."""
+    rng, other = random.Random(seed), random.Random(seed + 1)  # the further responses: a stream of their own
     pos, neg, neutral = WORDS[:4], WORDS[4:8], WORDS[8:12]
     rows = []
     for _ in range(n):
@@ -50,8 +51,10 @@ def write_micro_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
         good = [rng.choice(pos + neutral) for _ in range(rng.randint(2, 6))]
         bad = [rng.choice(neg + neutral) for _ in range(rng.randint(2, 6))]
         score = lambda words: float(sum(w in pos for w in words) - sum(w in neg for w in words))  # noqa: E731
+        more = [[other.choice(pos + neg + neutral) for _ in range(other.randint(2, 6))] for _ in range(2)]
         rows.append({"prompt": f"{topic} :", "chosen": " ".join(good), "rejected": " ".join(bad),
-                     "chosen_score": score(good), "rejected_score": score(bad)})
+                     "chosen_score": score(good), "rejected_score": score(bad),
+                     "extra": [" ".join(m) for m in more], "extra_scores": [score(m) for m in more]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -10,7 +10,7 @@ from prefopt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "runs", "results", "lightning_logs", ".cache", "node_modules"}
-GRID_DIRS = {"grids"}
+GRID_DIRS = {"grids", "scenarios"}  # grid files: parsed by tests/test_grid.py
 
 
 def shipped_yamls() -> list[Path]:

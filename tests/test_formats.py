@@ -19,7 +19,7 @@ from chat_fixtures import (
 )
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures; micro_base needs micro_pairs)
 
-from prefopt.train import formats
+from prefopt.train import encoding, formats
 from prefopt.train.data import PreferenceDataModule
 from prefopt.train.formats import RowError, detect_layout, split_messages, split_text
 
@@ -175,8 +175,8 @@ def test_tokenization_is_cached_across_runs(chat_model, tmp_path, monkeypatch):
     rows = hh_rows(16) + [{"chosen": f"{unique} yes", "rejected": f"{unique} no"}]
     path = write_jsonl(tmp_path / "cached.jsonl", rows)  # unique content: the first run cannot hit a cache
     calls = []
-    real = formats._encode_batch
-    monkeypatch.setattr(formats, "_encode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = encoding._encode_batch
+    monkeypatch.setattr(encoding, "_encode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = _dm(path, chat_model, val_fraction=0.2)
     assert calls, "the first run tokenizes"
     calls.clear()

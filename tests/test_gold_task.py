@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from prefopt.gold import task
+from prefopt.gold.pairs import ensure_pairs
 from prefopt.gold.build import (
     ReferenceRecipe,
     build_tokenizer,
-    ensure_pairs,
     ensure_reference,
     load_reference,
     reference_key,
@@ -350,7 +350,7 @@ def test_callback_logs_both_prompt_sets_and_skips_the_sanity_check(reference):
     assert logged == {}
     trainer.sanity_checking = False
     callback.on_validation_epoch_end(trainer, module)
-    assert len(logged) == 18
+    assert len(logged) == 28  # 14 metrics x 2 prompt sets
     assert {"val/gold/gold_reward", "val/gold_heldout/frontier_gap", "val/gold/sampled_kl"} <= set(logged)
 
 

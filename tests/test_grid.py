@@ -226,11 +226,12 @@ def test_dry_run_lists_runs_and_checks_the_config(tmp_path, micro_base, capsys):
 
 def grid_files() -> list[Path]:
     found = [p for p in ROOT.rglob("*.y*ml") if not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
-    return sorted(p for p in found if "grids" in p.relative_to(ROOT).parts)
+    return sorted(p for p in found if {"grids", "scenarios"} & set(p.relative_to(ROOT).parts))
 
 
 def test_the_search_finds_the_shipped_grids():
-    assert ROOT / "experiments" / "grids" / "default.yaml" in grid_files()
+    assert {ROOT / "experiments" / "grids" / "default.yaml", ROOT / "experiments" / "scenarios" / "label_noise.yaml"} \
+        <= set(grid_files())
 
 
 @pytest.mark.parametrize("path", grid_files(), ids=lambda p: p.relative_to(ROOT).as_posix())

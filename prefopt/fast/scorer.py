@@ -27,7 +27,8 @@ from prefopt.fast.head import decoder_and_head, head_token_scores
 from prefopt.fast.prefix_sharing import shared_token_scores, trim_last_layer
 from prefopt.losses import LossConfig
 from prefopt.logps import (
-    TokenScores, forward_logits, pair_logps, scores_from_logits, sequence_kl, token_fields, token_kl, unpaired_logps,
+    TokenScores, forward_logits, pair_logps, response_sums, scores_from_logits, sequence_kl, token_fields, token_kl,
+    unpaired_logps,
 )
 from prefopt.records import PairLogps, UnpairedLogps
 
@@ -37,14 +38,16 @@ ALIGNED = frozenset({"policy_chosen_aligned_logps", "policy_rejected_aligned_log
 SAMPLED = frozenset({"policy_chosen_sampled_logps", "policy_rejected_sampled_logps", "ref_chosen_sampled_logps",
                      "ref_rejected_sampled_logps"})
 PROMPT = frozenset({"policy_prompt_logps", "prompt_lengths"})
+# The further responses per pair (`data.extras`): scored on their own rows, in a plain forward (any LM head).
+EXTRA = frozenset({"policy_extra_logps", "extra_lengths", "ref_extra_logps"})
 # The fields a scorer can produce, by batch kind; DISTRIBUTION fields need both models' full next-token logits.
 PAIR_FIELDS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths",
                          "policy_chosen_shared_logps", "policy_rejected_shared_logps", "ref_chosen_logps",
                          "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps"}
-                        ) | ALIGNED | SAMPLED | PROMPT
+                        ) | ALIGNED | SAMPLED | PROMPT | EXTRA
 DISTRIBUTION = frozenset({"chosen_seq_kl", "rejected_seq_kl"})
 # Fields the data carries as they are (no model involved): record field -> batch key (`data.scores` puts them there).
-FROM_DATA = {"chosen_scores": "chosen_score", "rejected_scores": "rejected_score"}
+FROM_DATA = {"chosen_scores": "chosen_score", "rejected_scores": "rejected_score", "extra_scores": "extra_scores"}
 UNPAIRED_FIELDS = frozenset({"policy_logps", "lengths", "desirable", "ref_logps", "policy_kl_logps", "ref_kl_logps"})
 REFERENCE_FIELDS = frozenset(f for f in PAIR_FIELDS | UNPAIRED_FIELDS if f.startswith("ref_")) | DISTRIBUTION
 
@@ -123,8 +126,11 @@ class Scorer:
         self.distribution = bool(loss.reads & DISTRIBUTION)
         self.collision, self.samples, self.prompt = (bool(loss.reads & f) for f in (ALIGNED, SAMPLED, PROMPT))
         self.from_data = {f: key for f, key in FROM_DATA.items() if f in loss.reads}
-        # The cache holds the reference's sums: a loss reading its full distribution needs a live forward anyway.
-        self.caches_reference = options.reference_cache and self.paired and self.with_reference and not self.distribution
+        self.extras, self.ref_extras = bool(loss.reads & EXTRA), "ref_extra_logps" in loss.reads
+        # The cache holds the reference's sums of the pairs: a loss reading its full distribution, or the further
+        # responses' reference sums, needs a live forward anyway.
+        self.caches_reference = (options.reference_cache and self.paired and self.with_reference
+                                 and not self.distribution and not self.ref_extras)
         self._table: dict[str, Tensor] | None = None
 
     @property
@@ -173,7 +179,32 @@ class Scorer:
             record = record.replace(**{k: v[index] for k, v in self._table.items()})
         if self.distribution:
             record = _with_sequence_kl(record, ref.logprobs, mine.logprobs, mask)
-        return self._with_data(record, batch)
+        return self._with_data(self._with_extras(record, policy, reference, batch), batch)
+
+    def _with_extras(self, record: PairLogps, policy: nn.Module, reference: nn.Module | None,
+                     batch: dict[str, Tensor]) -> PairLogps:
+        """The further responses' sums (B, M), when the loss reads them: a forward of the policy (and, for their
+        reference sums, of the reference, without gradient) on their own prompt + response rows."""
+        if not self.extras:
+            return record
+        rows = {k.removeprefix("extra_"): batch[k] for k in ("extra_input_ids", "extra_attention_mask",
+                                                            "extra_completion_mask")}
+        pairs = record.policy_chosen_logps.shape[0]
+        mine = self._plain_tokens(policy, rows)
+        logps, lengths = response_sums(mine.logps, rows["completion_mask"], pairs)
+        fields = {"policy_extra_logps": logps, "extra_lengths": lengths}
+        if self.ref_extras:
+            with torch.no_grad():
+                fields["ref_extra_logps"] = response_sums(self._plain_tokens(reference, rows).logps,
+                                                          rows["completion_mask"], pairs)[0]
+        return record.replace(**fields)
+
+    def _plain_tokens(self, model: nn.Module, rows: dict[str, Tensor]) -> TokenScores:
+        """Per-token completion log-probs of prompt + completion rows (no prompt sharing), with the configured head."""
+        chunk = self.options.logps_chunk_size
+        if chunk is not None:
+            return head_token_scores(model, rows, chunk)
+        return scores_from_logits(forward_logits(model, rows), rows)
 
     def _tokens(self, model: nn.Module, batch: dict[str, Tensor], policy: bool) -> TokenScores:
         """Per-token completion log-probs (N, L) and what the loss reads beyond them: both models' next-token
@@ -209,7 +240,7 @@ class Scorer:
         if self.distribution:
             record = _with_sequence_kl(record, ref.logprobs, mine.logprobs, mask)
         kl_sum, tokens = token_kl(policy_logits, ref_logits, mask)
-        return self._with_data(record, batch), kl_sum, tokens
+        return self._with_data(self._with_extras(record, policy, reference, batch), batch), kl_sum, tokens
 
     def _with_data(self, record: PairLogps, batch: dict[str, Tensor]) -> PairLogps:
         """The record with the fields the data carries (the responses' scores) that the loss reads."""

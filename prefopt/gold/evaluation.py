@@ -9,8 +9,21 @@ generalization number). The quoted titles are sections of docs/gold_task.md, 'Pi
 - frontier_reward: the best reward any policy reaches at that KL (`gold_task.frontier_reward_at_kl`, KL
                    clamped at 0), and frontier_gap = frontier_reward - gold_reward ('Over-optimization shows in
                    the frontier gap': it exposes over-optimization that reward alone hides);
-- mean_length, short_fraction (< 4 words), distinct_ratio, eos_rate: degeneration signals ('Watch length and
-  degeneration').
+- mean_length, short_fraction (< 4 words), long_fraction (> 12 words), distinct_ratio, eos_rate: degeneration
+  signals ('Watch length and degeneration').
+
+Why a loss loses (diagnostics from the same samples and the same sampling pass: no extra forward):
+
+- outside_support_fraction: the fraction of samples outside the base distribution's support (`outside_support`:
+  not 4..12 words, a token that is not a content word, or no <eos>), where no KL-regularized optimum of the
+  base puts any mass: the frontier cannot be reached from there;
+- outside_support_kl_share: sum of log pi - log pi_ref over those samples / the sum over all samples (`kl_share`):
+  the share of sampled_kl spent outside the support; 0 when no KL was spent (sampled_kl <= KL_FLOOR, 1e-4 nats:
+  below it the sum is float rounding); single terms can be negative, so the share can fall outside [0, 1];
+- entropy, top_token_prob: the policy's temperature-1 next-token entropy (nats) and the probability of its most
+  likely next token, averaged over all generated positions of all samples pooled (every drawn token, <eos>
+  included): a collapsing, "squeezed" distribution (Ren and Sutherland 2024, arXiv 2407.10490) lowers the one and
+  raises the other.
 
 Why the training prompts: 'Evaluate on fresh samples for the training prompts'. Deviation to keep in mind: the
 frontier is measured from the base distribution while sampled_kl is from the reference; they differ by
@@ -30,10 +43,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt.gold import task
-from prefopt.gold.sampling import sample_responses, score_responses
+from prefopt.gold.sampling import Response, sample_responses, score_responses
 
 log = logging.getLogger(__name__)
 SHORT_WORDS = 4  # fewer words than the base's minimum length counts as "short"
+# Below this mean log-ratio (nats) no KL was spent: with policy = reference the sampling pass's and the scoring pass's
+# float32 log-probs differ by rounding (~1e-6), and a share of that noise would be a meaningless number.
+KL_FLOOR = 1e-4
+CONTENT = frozenset(task.CONTENT_WORDS)  # the only tokens the base distribution ever emits (besides <eos>)
 SCORE_CHUNK = 512  # responses per reference forward in the evaluation (sorted by length)
 
 
@@ -53,8 +70,9 @@ def evaluate_policy(
     """
     per_topic = math.ceil(num_samples / len(topics))
     generator = torch.Generator().manual_seed(seed)
-    responses, policy_logps = sample_responses(policy, tokenizer, topics, per_topic, generator,
-                                               max_new_tokens=max_new_tokens, return_logps=True)
+    responses, policy_logps, stats = sample_responses(policy, tokenizer, topics, per_topic, generator,
+                                                      max_new_tokens=max_new_tokens, return_logps=True,
+                                                      return_token_stats=True)
     logratio = policy_logps - reference_logps(reference, tokenizer, responses)
     rewards = np.array([task.gold_reward(topic, words) for topic, words, _ in responses])
     lengths = np.array([len(words) for _, words, _ in responses])
@@ -63,6 +81,8 @@ def evaluate_policy(
     kl = float(logratio.double().mean())
     reward = float(rewards.mean())
     frontier = task.frontier_reward_at_kl(max(kl, 0.0))
+    outside = outside_support(responses)
+    positions = max(float(stats.positions.sum()), 1.0)  # >= 1 per response unless max_new_tokens is 0
     return {
         "gold_reward": reward,
         "gold_reward_se": float(rewards.std(ddof=1) / math.sqrt(len(rewards))),
@@ -73,7 +93,31 @@ def evaluate_policy(
         "short_fraction": float((lengths < SHORT_WORDS).mean()),
         "distinct_ratio": float(distinct.mean()),
         "eos_rate": float(np.mean([ended for _, _, ended in responses])),
+        "long_fraction": float((lengths > task.MAX_LEN).mean()),
+        "outside_support_fraction": float(outside.mean()),
+        "outside_support_kl_share": kl_share(logratio, outside),
+        "entropy": float(stats.entropy.double().sum()) / positions,
+        "top_token_prob": float(stats.top_prob.double().sum()) / positions,
     }
+
+
+def outside_support(responses: Sequence[Response]) -> np.ndarray:
+    """(N,) bool: True for a response the base distribution cannot produce, i.e. one with no <eos> (it reached
+    `max_new_tokens`), with a length outside task.MIN_LEN..task.MAX_LEN words, or with any token that is not a
+    content word (a special token, the ':' separator). For ended responses, exactly those with
+    task.base_logprobs = -inf.
+    """
+    return np.array([not ended or not task.MIN_LEN <= len(words) <= task.MAX_LEN or not CONTENT.issuperset(words)
+                     for _, words, ended in responses], dtype=bool)
+
+
+def kl_share(logratio: torch.Tensor, mask: np.ndarray, floor: float = KL_FLOOR) -> float:
+    """sum(logratio[mask]) / sum(logratio): the share of the sampled KL carried by the masked samples; 0 when the
+    mean log-ratio is <= `floor` nats (no KL spent, so nothing to share; with floor 0, when the total is <= 0).
+    logratio: (N,) log pi - log pi_ref; mask: (N,) bool."""
+    values = logratio.double()
+    total = float(values.sum())
+    return float(values[torch.as_tensor(mask, dtype=torch.bool)].sum()) / total if total > floor * len(values) else 0.0
 
 
 def reference_logps(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list) -> torch.Tensor:

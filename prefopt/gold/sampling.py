@@ -1,14 +1,16 @@
 """Sampling from and scoring under a causal LM on the gold task, with an explicit generator.
 
 `sample_responses` draws temperature samples with a KV cache from a `torch.Generator` it is given (the global torch
-RNG is never touched, so a resumed run reproduces an uninterrupted one); `score_responses` returns the summed
-completion log-probs of the very same token sequences under any model. Used to build the preference pairs
+RNG is never touched, so a resumed run reproduces an uninterrupted one), and can read the policy's own log-probs and
+next-token statistics (`TokenStats`) off that pass's logits; `score_responses` returns the summed completion
+log-probs of the very same token sequences under any model. Used to build the preference pairs
 (`gold_build`) and to evaluate policies (`gold_eval`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +19,16 @@ from prefopt.gold import task
 
 # A response is (topic, words, ended_with_eos): what `sample_responses` returns and `score_responses` reads.
 Response = tuple[str, list[str], bool]
+
+
+class TokenStats(NamedTuple):
+    """Per-response sums over the generated positions (every drawn token, <eos> included; none after it) of the
+    model's temperature-1 next-token distribution p = softmax(logits) at that position. Each field is (N,) on the CPU.
+    """
+
+    entropy: torch.Tensor  # sum of H(p) = -sum_v p_v log p_v, nats (float32)
+    top_prob: torch.Tensor  # sum of max_v p_v (float32)
+    positions: torch.Tensor  # how many positions were summed: len(words) + ended_with_eos (int64)
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, topic: str) -> list[int]:
@@ -34,10 +46,13 @@ def sample_responses(
     temperature: float = 1.0,
     batch_size: int = 4096,
     return_logps: bool = False,
-) -> list[Response] | tuple[list[Response], torch.Tensor]:
+    return_token_stats: bool = False,
+) -> list[Response] | tuple[list[Response] | torch.Tensor | TokenStats, ...]:
     """Sample `num_per_topic` responses per topic; returns (topic, words, ended_with_eos) in topic order, and with
     `return_logps` also each response's summed completion log-prob under `model` at temperature 1 (what
-    `score_responses(model, ...)` computes, read off the sampling pass's own logits: no second forward).
+    `score_responses(model, ...)` computes, read off the sampling pass's own logits: no second forward), and with
+    `return_token_stats` also its `TokenStats` (read off the same logits). Extras follow the responses in that
+    order: (responses, logps), (responses, stats) or (responses, logps, stats). Neither flag changes the samples.
 
     Tokens are drawn on the CPU from `generator` (a CPU generator), whatever the model's device, so the
     samples depend only on the generator's state and the model's probabilities. A response that reaches
@@ -53,6 +68,8 @@ def sample_responses(
     model.eval()
     out: list[Response] = []
     logps = torch.zeros(len(rows))
+    entropy, top_prob = torch.zeros(len(rows)), torch.zeros(len(rows))
+    positions = torch.zeros(len(rows), dtype=torch.long)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = prompts[start : start + batch_size]
@@ -71,9 +88,17 @@ def sample_responses(
                 else:
                     probs = torch.softmax(logits / temperature, dim=-1)
                     token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-                if return_logps:  # the temperature-1 log-prob of the drawn token, for the rows still running
-                    picked = torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
-                    logps[start : start + len(chunk)] += torch.where(done, 0.0, picked)
+                rows_here = slice(start, start + len(chunk))
+                if return_logps or return_token_stats:  # temperature 1, for the rows still running
+                    log_p = torch.log_softmax(logits, dim=-1)  # (B, V)
+                if return_logps:  # the log-prob of the drawn token
+                    picked = log_p.gather(1, token[:, None])[:, 0]
+                    logps[rows_here] += torch.where(done, 0.0, picked)
+                if return_token_stats:  # entr(0) = 0, so a -inf logit adds nothing (p log p would give nan)
+                    p = log_p.exp()  # (B, V)
+                    entropy[rows_here] += torch.where(done, 0.0, torch.special.entr(p).sum(dim=-1))
+                    top_prob[rows_here] += torch.where(done, 0.0, p.max(dim=-1).values)
+                    positions[rows_here] += (~done).long()
                 token = torch.where(done, pad_id, token)  # finished rows keep feeding pad; ignored
                 generated[:, step] = token
                 done |= token == eos_id
@@ -86,7 +111,9 @@ def sample_responses(
                 out.append((topic, tokenizer.convert_ids_to_tokens(words), ended))
     finally:
         model.train(was_training)
-    return (out, logps) if return_logps else out
+    extras = [logps] if return_logps else []
+    extras += [TokenStats(entropy, top_prob, positions)] if return_token_stats else []
+    return (out, *extras) if extras else out
 
 
 @torch.no_grad()

@@ -140,6 +140,45 @@ def cpo(
 
 
 @register(
+    "tpo",
+    paper="Saeidi et al. 2024, 'Triple Preference Optimization: Achieving Better Alignment using a Single Step "
+    "Optimization', arXiv 2405.16681 (L_TPO = L_pref + alpha L_BC on a gold response; TPO-L: length-normalized with a "
+    "margin gamma)",
+    formula="L(beta (logp(y_w) - logp(y_l)) - gamma) + alpha NLL(y_gold); length_normalize: avg in place of logp; NLL "
+    "summed (paper) or token mean (nll=token_mean)",
+    needs_reference=False,
+    aggregation="sum, or mean with length_normalize (preference term); NLL: sum (paper) or token mean",
+    reward="beta * logp(y) (no reference; TPO-L: beta * avg(y))",
+    reads=frozenset({"policy_extra_logps", "extra_lengths"}),
+)
+def tpo(
+    lp: PairLogps, *, beta: Positive = 0.1, alpha: NonNegative = 1.0, gamma: NonNegative = 0.0,
+    length_normalize: bool = False, nll: Literal["sum", "token_mean"] = "sum",
+) -> Tensor:
+    """Triple Preference Optimization: reference-free DPO on (y_w, y_l) plus behaviour cloning of a gold response.
+
+    Three responses per prompt, y_gold > y_w > y_l: the gold one is the data's further response (`data.extras`; on the
+    built-in task the best of several reference samples by gold reward, `data.gold.extra_best_of`); with M further
+    responses the NLL is their mean. The paper writes L_BC = -E log pi(y_gold|x), a summed sequence NLL: the default;
+    the authors' code takes the token-mean cross-entropy over the batch's gold tokens: nll=token_mean. TPO-L
+    (length_normalize, gamma > 0) compares length-averaged log-probs against a margin gamma, as SimPO does. The
+    authors' script trains with beta 0.1, alpha 0.5. With alpha = 0, gamma = 0 and sums it is CPO without its NLL.
+    """
+    if length_normalize:
+        margin = _avg_margin(lp)
+    else:
+        margin = lp.policy_chosen_logps - lp.policy_rejected_logps
+    logps, lengths = lp.policy_extra_logps, lp.extra_lengths  # (B, M)
+    if logps is None or lengths is None:
+        raise ValueError("tpo reads the gold response's log-probs: further responses per prompt (data.extras)")
+    if nll == "sum":
+        bc = -logps.mean(-1)
+    else:  # the mean of -logp over every gold token of the batch, spread over its pairs
+        bc = -logps.mean(-1) * lengths.shape[0] / lengths.mean(-1).sum().clamp(min=1)
+    return -F.logsigmoid(beta * margin - gamma) + alpha * bc
+
+
+@register(
     "slic",
     paper="Zhao et al. 2023, 'SLiC-HF: Sequence Likelihood Calibration with Human Feedback', arXiv 2305.10425",
     formula="max(0, delta - logp(y_w) + logp(y_l)) + lambda NLL(y_w)",

@@ -173,9 +173,35 @@ def infonca(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Te
 
     With K responses per prompt the paper's loss is a K-way cross-entropy; on paired data (K = 2) it is DPO with a
     soft label sigmoid(D / alpha) in place of 1, so its optimum is beta h = D / alpha for every pair, and with exact
-    scores the tabular optimum is pi_ref exp(R / (alpha beta)) / Z. K > 2 needs data with more than two scored
-    responses per prompt, which the pair layout does not hold: not offered yet. (`nca` is the same paper's NCA.)
+    scores the tabular optimum is pi_ref exp(R / (alpha beta)) / Z. With more than two scored responses per prompt:
+    `infonca_k`. (`nca` is the same paper's NCA.)
     """
     target = torch.sigmoid(score_gap(lp) / alpha)
     z = beta * lp.margins()
     return -(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z))
+
+
+@register(
+    "infonca_k",
+    paper="Chen et al. 2024, 'Noise Contrastive Alignment of Language Models with Explicit Rewards', arXiv 2402.05369 "
+    "(InfoNCA, Eq. 9: K responses per prompt with their rewards)",
+    formula="-sum_i softmax(s / alpha)_i log softmax(beta r)_i over the K = M + 2 responses: the pair and the M "
+    "further ones",
+    needs_reference=True,
+    reads=SCORES + ("policy_extra_logps", "ref_extra_logps", "extra_scores"),
+)
+def infonca_k(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Tensor:
+    """InfoNCA with K responses per prompt: the softmax of the implicit rewards beta r_i fitted to that of s_i / alpha.
+
+    The K responses are the pair's two and the data's M further ones (`data.extras`: on the built-in task,
+    `data.gold.extra_responses` further reference samples with their gold rewards); which of the pair is "chosen" does
+    not matter, only the scores do. With M = 0 it is `infonca`. For responses sampled from pi_ref the population
+    optimum is r = R / (alpha beta) + c(x): pi_ref exp(R / (alpha beta)) / Z, as for K = 2, approached faster in K.
+    """
+    if lp.policy_extra_logps is None or lp.ref_extra_logps is None or lp.extra_scores is None:
+        raise ValueError("infonca_k reads further scored responses per prompt (data.extras)")
+    rewards = torch.cat([torch.stack([lp.chosen_logratios(), lp.rejected_logratios()], -1),
+                         lp.policy_extra_logps - lp.ref_extra_logps], -1)  # (B, K)
+    scores = torch.cat([torch.stack([lp.chosen_scores, lp.rejected_scores], -1), lp.extra_scores], -1).detach()
+    target = torch.softmax(scores / alpha, -1)
+    return -(target * torch.log_softmax(beta * rewards, -1)).sum(-1)

@@ -19,6 +19,7 @@ list of one list. The command is `prefopt.study.grid_cli`, the runner `prefopt.s
 
 A grid may declare KL targets instead of hyperparameter lists (`calibrate:`, with a variant's optional `strength` and
 `strength_direction` keys): `prefopt.study.calibration` searches each variant's knob, `prefopt.study.calibrated` runs it.
+A calibrating grid may state a claim and its predictions before it runs (`scenario:`, `prefopt.study.scenarios`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LOSS_KEY = "model.loss"
 SEED_KEY = "seed_everything"
 ALIASES = {"seed": SEED_KEY}
-GRID_KEYS = {"name", "base", "set", "axes", "variants", "workers", "calibrate"}
+GRID_KEYS = {"name", "base", "set", "axes", "variants", "workers", "calibrate", "scenario"}
 KNOB_KEYS = ("strength", "strength_direction")  # a variant's searched setting in a calibrating grid (calibration.py)
 
 
@@ -81,6 +82,7 @@ class Grid:
     workers: int | None = None
     calibrate: CalibrationSpec | None = None  # KL targets instead of hyperparameter lists (prefopt.study.calibration)
     knobs: tuple[dict[str, Any], ...] = ()  # per variant: its `strength` / `strength_direction` keys, if any
+    scenario: dict[str, Any] | None = None  # the claim and its predictions, fixed before the runs (prefopt.study.scenarios)
 
 
 def _resolve_path(value: str) -> Path:
@@ -140,8 +142,9 @@ def load_grid(path: str | Path) -> Grid:
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise GridError(f"{path}: workers must be a positive integer, got {workers!r}")
     name = str(raw.get("name") or path.stem)
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise GridError(f"{path}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or ".." in name:
+        raise GridError(f"{path}: name {name!r} may hold only letters, digits, '_', '-' and '.' (and one '/': a "
+                        "folder of results, e.g. scenarios/label_noise)")
     calibrate = None
     if "calibrate" in raw:
         if set(axes) - {SEED_KEY}:
@@ -151,8 +154,19 @@ def load_grid(path: str | Path) -> Grid:
             calibrate = parse_spec(raw["calibrate"], str(path), axes.get(SEED_KEY, []))
         except CalibrationError as err:
             raise GridError(str(err)) from None
+    scenario = None
+    if "scenario" in raw:
+        from prefopt.study.scenarios import ScenarioError, parse_scenario
+
+        if calibrate is None:
+            raise GridError(f"{path}: a scenario compares at matched KL: it needs calibrate: (KL targets)")
+        labels = [str(v.get("name") or v.get(f"{LOSS_KEY}.name", "")) for v in variants]
+        try:
+            scenario = parse_scenario(raw["scenario"], str(path), labels)
+        except ScenarioError as err:
+            raise GridError(str(err)) from None
     return Grid(name, path, tuple(_resolve_path(str(p)) for p in base), fixed, axes, tuple(variants), workers,
-                calibrate, tuple(knobs))
+                calibrate, tuple(knobs), scenario)
 
 
 # ---------------------------------------------------------------------------------------------- expansion

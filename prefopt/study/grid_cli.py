@@ -14,6 +14,8 @@ from pathlib import Path
 from prefopt.study.grid import GridError, check_configs, default_workers, expand, load_grid, select, with_overrides
 from prefopt.study.calibrated import Calibration, run_calibrated
 from prefopt.study.runner import GridRunner
+from prefopt.study.scenarios import SCENARIO_FILE
+from prefopt.study.tables import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as err:
         parser.exit(2, f"error: {err}\n")
     out = Path(args.out or Path("results") / grid.name)
+    if grid.scenario is not None and not args.dry_run:  # the prediction is on disk before any run
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(grid.scenario, out / SCENARIO_FILE)
     launcher = None
     if args.backend == "ray" and not args.dry_run:
         from prefopt.study.ray_runner import RayLauncher

@@ -272,18 +272,28 @@ def best_setting(g: pd.DataFrame, settings: list[str]) -> dict[str, object]:
             "best_gap.kl": float(chosen[KL].mean())}
 
 
+def target_runs(runs: pd.DataFrame, calibration: pd.DataFrame) -> dict[tuple[float, str], pd.DataFrame]:
+    """A calibrating grid's ok runs at the knob value its calibration chose, by (target, variant): reached targets only."""
+    curves, out = with_curves(runs), {}
+    for _, c in calibration[calibration["status"] == "reached"].iterrows():
+        column = str(c["key"]).replace("model.loss.", "loss.", 1)
+        out[float(c["target"]), c["variant"]] = curves[(curves["variant"] == c["variant"])
+                                                       & np.isclose(curves[column].astype(float), c["value"])]
+    return out
+
+
 def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
     """A calibrating grid's comparison at its KL targets, without interpolation: per (target, curve), the runs at the
     knob value the calibration chose (`calibration.csv`, reached targets only), their KL, reward and frontier gap
     (mean and 95% t half-width over seeds), and `gap_vs_best_other`: this curve's gap minus the best other curve's at
     that target, paired by seed on the seeds all have, with a selection-aware interval (negative: this curve leads).
     The gap, not the reward, is compared: it allows for the few percent by which the runs' KLs miss the target."""
-    curves, rows = with_curves(runs), []
+    runs_at, rows = target_runs(runs, calibration), []
     for target, chosen in calibration[calibration["status"] == "reached"].groupby("target"):
         gaps = {}
         for _, c in chosen.iterrows():
             column = str(c["key"]).replace("model.loss.", "loss.", 1)
-            at = curves[(curves["variant"] == c["variant"]) & np.isclose(curves[column].astype(float), c["value"])]
+            at = runs_at[float(target), c["variant"]]
             gaps[c["variant"]] = at.set_index("seed")[GAP]
             row = {"target": target, "curve": c["variant"], "knob": column, "value": c["value"]}
             for name, metric in (("kl", KL), ("reward", REWARD), ("gap", GAP)):

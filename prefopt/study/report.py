@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from prefopt.study import ranking as rk
+from prefopt.study.scenarios import read_scenario
+from prefopt.study.verdicts import VERDICTS_FILE, verdicts
 from prefopt.study.tables import write_csv
 
 FRONTIER_B = np.geomspace(0.002, 500.0, 300)  # from (almost) the maximal reward to (almost) the base
@@ -219,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(table, out / f"{name}.csv")
     print_report(out, summary, matched, ranked)
     if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
-        targets_table = rk.at_targets(runs, pd.read_csv(out / "calibration.csv"))
+        calibration = pd.read_csv(out / "calibration.csv")
+        targets_table = rk.at_targets(runs, calibration)
         write_csv(targets_table, out / "at_targets.csv")
         print_at_targets(targets_table)
+        scenario = read_scenario(out)
+        if scenario is not None:  # the predictions written before the runs, and what the runs say
+            table = verdicts(runs, calibration, scenario)
+            write_csv(table, out / VERDICTS_FILE)
+            print(f"\nscenario: {scenario['claim']} ({scenario['source']})")
+            print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     if not args.no_plots:
         written = write_plots(out, runs, summary, history, frontier, targets, best_of_n)
         print("\nwrote " + ", ".join(str(p) for p in written))

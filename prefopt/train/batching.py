@@ -15,9 +15,13 @@ and the loss of any given batch are unchanged). `group: 1` gives the plain shuff
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
+
+from prefopt.train.formats import EXTRA_SCORES, SCORES
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -130,3 +134,26 @@ def collate_rows(prompts: list[list[int]], completions: list[list[int]], pad_id:
         "attention_mask": (positions < total).long(),
         "completion_mask": ((positions >= plen) & (positions < total)).long(),
     }
+
+
+def with_index(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Add the training pairs' positions in `train_examples` (`index`, (B,)): what per-example tables (the scorer's
+    reference cache) are read by; and the responses' scores (`chosen_score`, `rejected_score`, (B,)) when read."""
+    if examples and "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    for field in (f for f in SCORES if examples and f in examples[0]):
+        batch[field] = torch.tensor([e[field] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def with_extras(batch: dict[str, Tensor], examples: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """Add the further responses (`extras`) as their own rows, M per pair in pair-major order, each prompt + response:
+    `extra_input_ids`, `extra_attention_mask`, `extra_completion_mask` (B * M, T'), and `extra_scores` (B, M) when read."""
+    if not examples or "extra_ids" not in examples[0]:
+        return batch
+    prompts = [e["prompt_ids"] for e in examples for _ in e["extra_ids"]]
+    rows = collate_rows(prompts, [ids for e in examples for ids in e["extra_ids"]], pad_id)
+    batch |= {f"extra_{k}": v for k, v in rows.items()}
+    if EXTRA_SCORES in examples[0]:
+        batch[EXTRA_SCORES] = torch.tensor([e[EXTRA_SCORES] for e in examples], dtype=torch.float32)
+    return batch

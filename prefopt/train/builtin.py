@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 BUILTIN = "gold"  # the built-in task (prefopt/gold/): its reference policy and its preference pairs
 MODELS = {BUILTIN: "prefopt.gold.build:ensure_reference"}
-DATASETS = {BUILTIN: "prefopt.gold.build:pair_files"}
+DATASETS = {BUILTIN: "prefopt.gold.pairs:pair_files"}
 
 
 def source(table: dict[str, str], name: str) -> Callable:

@@ -5,15 +5,8 @@ unpaired; text or conversational) is detected from the columns, or forced by `fo
 every row is checked before anything trains: a bad row is an error naming the source, row and field (or, with
 `bad_rows: skip`, dropped and counted).
 
-Each example is tokenized as three id lists: `prompt_ids = tokenizer(prompt)` (the tokenizer's own special tokens,
-e.g. bos, included; but not an eos that a tokenizer appends to every text: the prompt goes on with its completion),
-and `chosen_ids` / `rejected_ids = tokenizer(completion, add_special_tokens=False) + [eos]` (no second eos after a
-completion whose text already ends in the eos token). Conversational rows are rendered with the chat template first
-(the prompt with the generation prompt, the completion as the rest of the full rendering) and tokenized without
-added special tokens (the template writes them); eos is appended unless the template's rendering of the
-completion already holds it (an end-of-turn that is eos, as in Qwen's `<|im_end|>`). A sequence is prompt_ids +
-completion_ids, so the prompt/completion boundary is exact and no mask is inferred from token values. Tokenized rows are cached by `datasets` (fingerprinted by the
-rows, the format, the tokenizer and the encoding version), so a second run does not tokenize again.
+Each example is tokenized once (`prefopt.train.encoding`: prompt ids, then each completion's ids and eos, so the
+prompt/completion boundary is exact and no mask is inferred from token values) and cached by `datasets`.
 
 Truncation (documented modes): the prompt is first cut to `max_prompt_length` keeping its end
 (`truncation_mode="keep_end"`, the default: the end of a prompt is what the response answers) or its start
@@ -32,6 +25,7 @@ unpaired source data the validation pairs are its held-out rows regrouped: per p
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import logging
 import dataclasses
 from dataclasses import dataclass
@@ -43,8 +37,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from prefopt.train import formats
-from prefopt.train.batching import EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows
+from prefopt.train import encoding, formats
+from prefopt.train.batching import (
+    EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows, with_extras, with_index,
+)
 from prefopt.train.formats import DataError
 from prefopt.train.builtin import BUILTIN, DATASETS, source
 from prefopt.train.models import load_tokenizer
@@ -60,22 +56,19 @@ class GoldData:
     pairs_per_prompt: int = 500  # training pairs per training prompt (8 prompts)
     val_pairs_per_prompt: int = 64  # held-out pairs per training prompt, for the pair metrics
     label_temperature: float = 1.0  # Bradley-Terry temperature T of the labels; 0 = deterministic labels
+    extra_responses: int = 0  # further reference responses per pair with their gold rewards (TPO, InfoNCA with K)
+    extra_best_of: int = 1  # each further response is the best (by gold reward) of this many reference samples
+    # Scenario knobs (prefopt/gold/pairs.py, `Labeler`; docs/gold_task.md, 'Scenario knobs'), off by default:
+    label_flip: float = 0.0  # each label flipped with this probability (noisy labels)
+    length_bias: float = 0.0  # with this probability the labeler prefers the longer response, whatever the reward
+    rejected_edits: int = 0  # > 0: the second response is the first with this many words replaced (near duplicates)
+    excluded_words: list[str] = dataclasses.field(default_factory=list)  # never in the data (narrowed coverage)
 
 
 def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
     """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
     digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _with_index(batch: dict[str, Tensor], examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Add the training pairs' positions in `train_examples` (`index`, (B,)): what per-example tables (the scorer's
-    reference cache) are read by; and the responses' scores (`chosen_score`, `rejected_score`, (B,)) when read."""
-    if examples and "index" in examples[0]:
-        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-    for field in (f for f in formats.SCORES if examples and f in examples[0]):
-        batch[field] = torch.tensor([e[field] for e in examples], dtype=torch.float32)
-    return batch
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -104,6 +97,7 @@ class PreferenceDataModule(L.LightningDataModule):
         group_by_length: int = 0,
         unpaired: bool = False,
         scores: bool = False,
+        extras: bool = False,
         seed: int = 0,
         gold: GoldData | None = None,
     ) -> None:
@@ -148,6 +142,9 @@ class PreferenceDataModule(L.LightningDataModule):
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
             scores: read the responses' scores (fields chosen_score and rejected_score, mapped with `columns`; on the
                 built-in task, its exact gold rewards); set by the CLI when the loss reads them.
+            extras: read further responses per prompt (field extra, a list per row, the same count in every row; with
+                scores, extra_scores too; on the built-in task, `gold.extra_responses`); set by the CLI when the loss
+                reads them (TPO's gold response, InfoNCA with K responses).
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
         """
@@ -167,6 +164,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_rows: list[dict[str, Any]] | None = None  # unpaired source data: prompt/completion ids, desirable
         self.layout: formats.Layout | None = None
         self.drop_counts: dict[str, dict[str, int]] = {}
+        self.extra_count = 0  # further responses per pair (`extras`), the same in every row
 
     # ---------------------------------------------------------------- loading
     def _sources(self) -> tuple[Any, Any, str, str]:
@@ -198,8 +196,13 @@ class PreferenceDataModule(L.LightningDataModule):
         train, val, train_name, val_name = self._sources()
         columns = hp.columns or {}
         if hp.dataset in DATASETS:  # the built-in task's pair files hold the exact gold rewards
-            columns = {"chosen_score": "chosen_reward", "rejected_score": "rejected_reward", **columns}
-        layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train, scores=hp.scores)
+            columns = {"chosen_score": "chosen_reward", "rejected_score": "rejected_reward",
+                       "extra_scores": "extra_rewards", **columns}
+            if hp.extras and not self.gold.extra_responses:
+                raise DataError("this loss reads further responses per prompt: set data.gold.extra_responses (1 for "
+                                "TPO's gold response, K - 2 for InfoNCA with K responses)")
+        layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train, scores=hp.scores,
+                                       extras=hp.extras)
         if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
                             f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")
@@ -207,7 +210,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"{train_name} holds unpaired rows (prompt, completion, label): it trains unpaired losses "
                             "(e.g. kto) only; this loss needs chosen/rejected pairs")
         encode = dict(tokenizer=self.tokenizer, marker=hp.assistant_marker, num_proc=hp.num_proc)
-        train = self._check_errors(formats.encode(train, layout, source=train_name, **encode), train_name)
+        train = self._check_errors(encoding.encode(train, layout, source=train_name, **encode), train_name)
         if val is None and not layout.paired:  # hold out whole prompts, so that validation pairs can be regrouped
             coins = [_prompt_coin(p, hp.seed) for p in train["prompt_ids"]]
             threshold = max(hp.val_fraction, min(coins))  # at least one prompt, however small the data
@@ -219,11 +222,14 @@ class PreferenceDataModule(L.LightningDataModule):
             train, val = split["train"], split["test"]
         else:
             val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure, rows=val,
-                                               scores=hp.scores)
-            val = self._check_errors(formats.encode(val, val_layout, source=val_name, **encode), val_name)
+                                               scores=hp.scores, extras=hp.extras)
+            val = self._check_errors(encoding.encode(val, val_layout, source=val_name, **encode), val_name)
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
         self.layout = layout
+        if hp.extras:  # the further responses' count per pair: what most rows have (a row that differs is named)
+            self.extra_count = max(Counter(len(x) for x in train["extra_ids"] if x).items(), key=lambda kv: kv[1],
+                                   default=(0, 0))[0]
         train_out, val_out = self._truncate(train, train_name, "train"), self._truncate(val, val_name, "val")
         if layout.paired:
             self.train_examples, self.val_examples = train_out, val_out
@@ -275,6 +281,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 identical += 1
                 continue
             example = {"prompt_ids": prompt, **cut, **{f: ex[f] for f in formats.SCORES if f in ex}}
+            if "extra_ids" in ex:
+                example |= self._extras(ex, room, name)
             if not self.layout.paired:
                 example["desirable"] = ex["desirable"]
             out.append(example)
@@ -289,6 +297,15 @@ class PreferenceDataModule(L.LightningDataModule):
         self.drop_counts[split] = {"prompt_too_long": len(too_long_prompt), "identical": identical,
                                    "truncated": truncated, "bad_rows": bad}
         return out
+
+    def _extras(self, ex: dict[str, Any], room: int, name: str) -> dict[str, Any]:
+        """A row's further responses cut to `room` tokens, and their scores; every row must have `extra_count`."""
+        count = len(ex["extra_ids"])
+        if count != self.extra_count:
+            raise DataError(f"{name}: row {ex['row'] + 1} (counting from 1), field {formats.EXTRA!r}: {count} further "
+                            f"responses where most rows have {self.extra_count}; every row needs the same number")
+        out = {"extra_ids": [ids[:room] for ids in ex["extra_ids"]]}
+        return out | ({formats.EXTRA_SCORES: ex[formats.EXTRA_SCORES]} if formats.EXTRA_SCORES in ex else {})
 
     @staticmethod
     def _regroup_pairs(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -306,7 +323,7 @@ class PreferenceDataModule(L.LightningDataModule):
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         batch = collate_rows(prompts + prompts, completions, self.tokenizer.pad_token_id)
-        return _with_index(batch, examples)
+        return with_extras(with_index(batch, examples), examples, self.tokenizer.pad_token_id)
 
     def collate_shared_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """One row prompt + chosen + rejected per pair (`share_prompt`); see prefopt/fast/prefix_sharing.py."""
@@ -314,7 +331,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
         batch = collate_shared_pairs([e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples],
                                      [e["rejected_ids"] for e in examples], self.tokenizer.pad_token_id)
-        return _with_index(batch, examples)
+        return with_extras(with_index(batch, examples), examples, self.tokenizer.pad_token_id)
 
     def collate_unpaired(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         prompts = [r["prompt_ids"] for r in rows]

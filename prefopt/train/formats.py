@@ -23,15 +23,18 @@ Conversational rows are rendered with the tokenizer's chat template (`render_cha
 `add_generation_prompt=True`, the completion as the remainder of the full conversation's rendering. A template
 whose prompt rendering is not a prefix of the full rendering (one that rewrites earlier turns, say) is an error:
 the boundary between prompt and completion tokens would otherwise be wrong.
+
+Further responses (`extra`, read only when the loss reads them: TPO's gold response, InfoNCA's K - 2 further scored
+responses): a list of completions per row (or one completion), of the same kind as chosen and rejected, with an
+`extra_scores` list when scores are read too; they need an explicit prompt column (`standard`). Tokenization:
+`prefopt.train.encoding`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,10 +42,12 @@ log = logging.getLogger(__name__)
 
 Structure = Literal["standard", "implicit_prompt", "unpaired"]
 Format = Literal["auto", "standard", "implicit_prompt", "unpaired"]  # data.format: "auto" detects the structure
-FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_score", "rejected_score")
+FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_score", "rejected_score", "extra",
+          "extra_scores")
 # Scalar scores of the two responses (a rating, a reward model's or the built-in task's gold reward): read only when
 # the loss uses reward values (`data.scores`, set by the CLI from the loss), then required of every paired row.
 SCORES = ("chosen_score", "rejected_score")
+EXTRA, EXTRA_SCORES = "extra", "extra_scores"  # further responses per prompt (a list per row) and their scores
 REQUIRED: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
     "implicit_prompt": ("chosen", "rejected"),
@@ -100,10 +105,11 @@ def _kind(feature: Any, values: list | None = None) -> str:
 
 
 def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str, fmt: str = "auto",
-                  rows: Any = None, scores: bool = False) -> Layout:
+                  rows: Any = None, scores: bool = False, extras: bool = False) -> Layout:
     """The layout of a dataset with these `features`; `columns` maps field names to column names. `rows` (the
     dataset) is read only for a column whose rows mix types, to tell its kind from its first 1,000 values.
-    `scores`: the score columns (`SCORES`) are required too, and read."""
+    `scores`: the score columns (`SCORES`) are required too, and read; `extras`: the further responses (`EXTRA`, and
+    `EXTRA_SCORES` with `scores`)."""
     col = {f: columns.get(f, f) for f in FIELDS}
     have = {f for f in FIELDS if col[f] in features}
     mixed = {f for f in have if type(features[col[f]]).__name__ == "Json"}
@@ -144,10 +150,27 @@ def detect_layout(features: dict[str, Any], columns: dict[str, str], source: str
             raise DataError(f"{source}: this loss reads the responses' scores, but there is no column "
                             f"{col[missing[0]]!r} (field {missing[0]!r}); map score columns with data.columns, e.g. "
                             f"{{chosen_score: score_chosen, rejected_score: score_rejected}}; columns: {', '.join(features)}")
-    wanted = REQUIRED[fmt] + (SCORES if scores else ())
+    wanted = REQUIRED[fmt] + (SCORES if scores else ()) + _extra_fields(fmt, have, col, features, source, scores, extras)
     layout = Layout(fmt, kind[main] == "messages", {f: col[f] for f in wanted})  # type: ignore[arg-type]
     log.info("%s: format %s", source, layout.describe())
     return layout
+
+
+def _extra_fields(fmt: str, have: set[str], col: dict[str, str], features: Any, source: str, scores: bool,
+                  extras: bool) -> tuple[str, ...]:
+    """The further responses' fields a layout reads (none unless `extras`), checked to be there."""
+    if not extras:
+        return ()
+    if fmt != "standard":
+        raise DataError(f"{source}: this loss reads further responses per prompt (field {EXTRA!r}), which need an "
+                        f"explicit prompt column (format 'standard'); this data's format is {fmt!r}")
+    wanted = (EXTRA, EXTRA_SCORES) if scores else (EXTRA,)
+    for field in wanted:
+        if field not in have:
+            raise DataError(f"{source}: this loss reads further responses per prompt, but there is no column "
+                            f"{col[field]!r} (field {field!r}: a list per row); map it with data.columns, e.g. "
+                            f"{{{field}: {'completions' if field == EXTRA else 'scores'}}}; columns: {', '.join(features)}")
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------------- row checks
@@ -283,7 +306,8 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
                 check_text(comps[n], source, row, col[n], completion=True)
         else:
             prompt = check_text(values["prompt"], source, row, col["prompt"], completion=False)
-        return {**out, **_scores(values, layout, source, row), "prompt": prompt, **comps, "identical": False}
+        return {**out, **_scores(values, layout, source, row), **_extras(values, layout, tokenizer, prompt, source, row),
+                "prompt": prompt, **comps, "identical": False}
     comps = {n: check_messages(values[n], source, row, col[n]) for n in names}
     if layout.structure == "implicit_prompt":
         if comps["chosen"] == comps["rejected"]:
@@ -301,8 +325,8 @@ def row_texts(values: dict[str, Any], layout: Layout, tokenizer: Any, marker: st
         return {"identical": True}
     texts = {n: render_chat(tokenizer, prompt, comps[n], source, row, col[n]) for n in names}
     prompt_text = texts[names[0]][0]
-    return {**out, **_scores(values, layout, source, row), "prompt": prompt_text,
-            **{n: t[1] for n, t in texts.items()}, "identical": False}
+    return {**out, **_scores(values, layout, source, row), **_extras(values, layout, tokenizer, prompt, source, row),
+            "prompt": prompt_text, **{n: t[1] for n, t in texts.items()}, "identical": False}
 
 
 def _scores(values: dict[str, Any], layout: Layout, source: str, row: int) -> dict[str, float]:
@@ -310,90 +334,32 @@ def _scores(values: dict[str, Any], layout: Layout, source: str, row: int) -> di
     return {f: check_score(values[f], source, row, layout.columns[f]) for f in SCORES if f in layout.columns}
 
 
-# ---------------------------------------------------------------------------------------------- tokenization
-ENCODING_VERSION = 3  # bump when the encoding below, or a row check's message, changes: part of the cache fingerprint
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes its ids: vocabulary, rules, special tokens, template."""
-    from datasets.fingerprint import Hasher
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None), spec.pop("padding", None)  # call-time state, set by padded calls elsewhere
-    else:  # a slow (python) tokenizer
-        spec = sorted(tokenizer.get_vocab().items())
-    return Hasher.hash([type(tokenizer).__name__, spec, tokenizer.chat_template, tokenizer.eos_token_id,
-                        sorted(map(str, tokenizer.all_special_tokens))])
-
-
-def added_suffix(tokenizer: Any) -> list[int]:
-    """The ids a tokenizer's post-processor appends to every text it encodes with special tokens: [eos] for one set
-    up to add eos (a Llama or Qwen tokenizer with `add_eos_token`), usually []. Found from one probe text."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(bare) + 1) if bare else ():
-        if full[start : start + len(bare)] == bare:
-            return full[start + len(bare) :]
-    return []
-
-
-def _encode_batch(batch: dict[str, list], indices: list[int], layout: Layout, tokenizer: Any, marker: str,
-                  source: str, suffix: tuple[int, ...] = ()) -> dict[str, list]:
-    rows = []
-    for j, i in enumerate(indices):
-        try:
-            rows.append(row_texts({f: batch[c][j] for f, c in layout.columns.items()}, layout, tokenizer, marker,
-                                  source, i))
-        except RowError as err:  # kept as data: the DataModule raises or skips (`bad_rows`), naming them all
-            rows.append({"identical": False, "error": str(err)})
-    names = ("chosen", "rejected") if layout.paired else ("completion",)
-    keep = [j for j, r in enumerate(rows) if not (r["identical"] or "error" in r)]
-    # Text prompts get the tokenizer's own special tokens (bos); chat templates write theirs into the text.
-    special = not layout.conversational
-    out: dict[str, list] = {"row": list(indices), "error": [r.get("error", "") for r in rows],
-                            "prompt_ids": [[] for _ in rows]}
-    out.update({f"{n}_ids": [[] for _ in rows] for n in names})
-    if keep:
-        encoded = {"prompt": tokenizer([rows[j]["prompt"] for j in keep], add_special_tokens=special)["input_ids"]}
-        for n in names:
-            encoded[n] = tokenizer([rows[j][n] for j in keep], add_special_tokens=False)["input_ids"]
-        eos, cut = tokenizer.eos_token_id, len(suffix)
-        for k, j in enumerate(keep):
-            prompt = encoded["prompt"][k]
-            # A prompt continues with its completion: no eos (or other suffix) that the tokenizer adds to every text.
-            out["prompt_ids"][j] = prompt[:-cut] if cut and tuple(prompt[-cut:]) == suffix else prompt
-            for n in names:  # eos ends every completion, once: a chat template's end-of-turn may already be eos,
-                ids = encoded[n][k]  # and a text completion may already end in the eos token's text
-                has_eos = eos in ids if layout.conversational else ids[-1:] == [eos]
-                out[f"{n}_ids"][j] = ids if has_eos else ids + [eos]
-    if not layout.paired:
-        out["desirable"] = [bool(r.get("label")) for r in rows]
-    for field in (f for f in SCORES if f in layout.columns):
-        out[field] = [r.get(field, 0.0) for r in rows]
-    return out
-
-
-def encode(rows: Any, layout: Layout, tokenizer: Any, source: str, marker: str = "Assistant:",
-           num_proc: int | None = None) -> Any:
-    """Check and tokenize every row: a `datasets.Dataset` of prompt_ids, chosen_ids/rejected_ids (or completion_ids
-    and desirable), row (the source row index, from 0) and error (why the row failed a check, or ""). Identical pairs
-    and failed rows come out with empty id lists.
-
-    The result is cached by `datasets` under a fingerprint of the input rows, the layout, the tokenizer and this
-    encoding's version, so a second run with the same inputs reads it instead of tokenizing again.
-    """
-    from datasets.fingerprint import Hasher
-
-    # The source's name is part of it because the row checks' messages (kept in the result) name it.
-    fingerprint = Hasher.hash([rows._fingerprint, ENCODING_VERSION, layout.structure, layout.conversational,
-                               sorted(layout.columns.items()), marker, tokenizer_fingerprint(tokenizer),
-                               source])
-    suffix = () if layout.conversational else tuple(added_suffix(tokenizer))  # chat prompts add no special tokens
-    if suffix:
-        log.info("%s: the tokenizer appends %s to every text; cut from the prompts", source,
-                 tokenizer.convert_ids_to_tokens(list(suffix)))
-    function = partial(_encode_batch, layout=layout, tokenizer=tokenizer, marker=marker, source=source, suffix=suffix)
-    return rows.map(function, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenizing {source}")
+def _extras(values: dict[str, Any], layout: Layout, tokenizer: Any, prompt: Any, source: str, row: int) -> dict:
+    """The row's further responses as completion texts (`extra`), and their scores, checked; {} unless read."""
+    if EXTRA not in layout.columns:
+        return {}
+    column, value = layout.columns[EXTRA], values[EXTRA]
+    one = isinstance(value, str) or (layout.conversational and isinstance(value, list) and value
+                                     and isinstance(value[0], dict))
+    items = [value] if one else value
+    if not isinstance(items, list) or not items:
+        got = "an empty list" if items == [] else "a missing value" if items is None else type(items).__name__
+        raise RowError(f"{_where(source, row, column)}: expected a non-empty list of completions, got {got}")
+    if layout.conversational:
+        texts = []
+        for item in items:
+            messages = check_messages(item, source, row, column)
+            if messages[: len(prompt)] == prompt and len(messages) > len(prompt):
+                messages = messages[len(prompt) :]
+            check_completion_messages(messages, source, row, column)
+            texts.append(render_chat(tokenizer, prompt, messages, source, row, column)[1])
+    else:
+        texts = [check_text(item, source, row, column, completion=True) for item in items]
+    if EXTRA_SCORES not in layout.columns:
+        return {EXTRA: texts}
+    column, scores = layout.columns[EXTRA_SCORES], values[EXTRA_SCORES]
+    scores = [scores] if isinstance(scores, (int, float)) and not isinstance(scores, bool) else scores
+    if not isinstance(scores, list) or len(scores) != len(texts):
+        raise RowError(f"{_where(source, row, column)}: expected {len(texts)} scores, one per further response, got "
+                       f"{scores!r:.60}")
+    return {EXTRA: texts, EXTRA_SCORES: [check_score(s, source, row, column) for s in scores]}

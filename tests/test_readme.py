@@ -42,6 +42,8 @@ GRID_DRY_RUN = "python -m prefopt grid --config experiments/grids/default.yaml -
 GRID = "python -m prefopt grid --config experiments/grids/default.yaml"
 GRID_OUT = f"{GRID} --workers 2 --set model.scoring.reference_cache=false --out "
 REPORT = "python -m prefopt report results/default"
+SCENARIO_REPORT = "python -m prefopt report results/scenarios/"
+VERDICTS = "python -m prefopt.study.verdicts results/scenarios"
 RUN = {
     DEFAULT_JOB: "test_the_default_job_then_export_its_policy",
     EXPORT: "test_the_default_job_then_export_its_policy",
@@ -53,6 +55,8 @@ RUN = {
     GRID: "test_the_grid_runs_then_resumes",
     GRID_OUT: "test_the_grid_without_reference_cache_into_another_folder",
     REPORT: "test_the_report_rederives_the_committed_tables",
+    SCENARIO_REPORT: "test_the_scenario_report_rederives_its_verdicts",
+    VERDICTS: "test_the_verdict_table_is_the_committed_one",
 }
 MANY = {EXPERIMENT, LOSS_OPTION}  # the prefixes whose test is parametrized over every command they start; the
 # others run one command each
@@ -68,6 +72,9 @@ NOT_RUN = {
     "python -m prefopt fit --config experiments/real/": "real hub data sets and Qwen2.5-0.5B: need the internet (or "
     "a warm hub cache) and a GPU; tests/test_configs.py parses every experiments/real/ file",
     "srun ": "a SLURM job of 2 nodes x 8 GPUs",
+    "python -m prefopt grid --config experiments/scenarios/": "a whole scenario (about 100 runs, 15-20 minutes on 2 "
+    "cores); tests/test_grid.py expands and checks every scenario file, tests/test_scenarios.py runs a scenario grid "
+    "of stub runs, and the report's verdicts are re-derived from the committed runs here",
     "ray start": "starts the head node of a Ray cluster",
     "python -m prefopt grid --config experiments/grids/default.yaml --backend ray ": "a Ray cluster with a GPU per "
     "run; tests/test_grid_ray.py runs a grid on a local Ray instance",
@@ -142,14 +149,16 @@ def test_the_parse_joins_continued_lines_drops_comments_and_splits_chains():
 @pytest.fixture()
 def checkout(tmp_path: Path) -> Path:
     """A copy of the checkout: the files git lists (tracked, and new ones not ignored), as they are on disk now.
-    Git ignores runs, checkpoints and events; of the committed results only results/default is copied."""
+    Git ignores runs, checkpoints and events; of the committed results only results/default and results/scenarios are
+    copied."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True)
     if listed.returncode != 0:
         pytest.skip(f"not a git checkout, so there is no list of its files to copy: {listed.stderr.strip()}")
     copy = tmp_path / "checkout"
     for name in filter(None, listed.stdout.split("\0")):
-        other_results = name.startswith("results/") and name.count("/") > 1 and not name.startswith("results/default/")
+        other_results = name.startswith("results/") and name.count("/") > 1 and \
+            not name.startswith(("results/default/", "results/scenarios/"))
         if (ROOT / name).is_file() and not other_results:
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, copy / name)
@@ -329,3 +338,18 @@ def test_the_report_rederives_the_committed_tables(checkout):
     for name in ("frontier", "targets", "matched_kl", "ranking"):
         derived, committed = pd.read_csv(results / f"{name}.csv"), pd.read_csv(ROOT / "results/default" / f"{name}.csv")
         pd.testing.assert_frame_equal(derived, committed, check_exact=False, rtol=1e-6, obj=f"{name}.csv")
+
+
+def test_the_scenario_report_rederives_its_verdicts(checkout):
+    command = the_command(SCENARIO_REPORT)
+    folder = command.split()[-1]
+    done = run(command, checkout)
+    assert "scenario: " in done.stdout and "verdict" in done.stdout, done.stdout
+    derived, committed = pd.read_csv(checkout / folder / "verdicts.csv"), pd.read_csv(ROOT / folder / "verdicts.csv")
+    pd.testing.assert_frame_equal(derived, committed, check_exact=False, rtol=1e-6)
+
+
+def test_the_verdict_table_is_the_committed_one(checkout):
+    """results/scenarios/README.md shows the command's table as it prints it from the committed verdicts."""
+    done = run(the_command(VERDICTS), checkout)
+    assert done.stdout.count("\n") > 2 and done.stdout in (ROOT / "results" / "scenarios" / "README.md").read_text()

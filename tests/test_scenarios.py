@@ -26,6 +26,8 @@ VARIANTS = [{"model.loss.name": "dpo"}, {"model.loss.name": "robust", "model.los
     ({"scenario": {**SCENARIO, "claim": ""}}, "scenario.claim must be a non-empty string"),
     ({"scenario": {**SCENARIO, "predictions": [{"better": "robust", "worse": "ipo"}]}},
      r"scenario.predictions\[0\] names \['ipo'\], not variants of this grid \(dpo, robust\)"),
+    ({"scenario": {**SCENARIO, "predictions": [{"same": ["robust", "dpo"], "margin": -1}]}},
+     r"scenario.predictions\[0\] must be \{better: <variant>, worse: <variant>\} or \{same:"),
     ({"scenario": {**SCENARIO, "verdict": "yes"}}, r"unknown keys \['verdict'\]"),
     ({"calibrate": None}, "a scenario compares at matched KL: it needs calibrate:"),
 ])
@@ -36,7 +38,7 @@ def test_bad_scenarios_are_named(tmp_path, micro_base, change, message):
 
 
 def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
-    # effect 1, spread 1: t(5 df) / sqrt(6) = 1.050 > 1 but t(6 df) / sqrt(7) = 0.925 < 1
+    # effect 1 from its boundary, spread 1: t(5 df) / sqrt(6) = 1.050 > 1 but t(6 df) / sqrt(7) = 0.925 < 1
     assert seeds_to_resolve(1.0, 1.0, 3) == 7
     assert t_quantile(6) / math.sqrt(6) > 1 > t_quantile(7) / math.sqrt(7)
     assert seeds_to_resolve(0.0, 1.0, 5) == math.inf and seeds_to_resolve(1.0, 0.1, 9) == 9
@@ -58,8 +60,13 @@ def test_verdicts_are_paired_intervals_of_the_predicted_difference():
     calibration.loc[calibration["variant"] == "cdpo", "status"] = "unreachable"
     scenario = {"metric": "val/gold/frontier_gap", "higher_is_better": False, "predictions": [
         {"better": "robust", "worse": "dpo"}, {"better": "dpo", "worse": "robust"}, {"better": "ipo", "worse": "dpo"},
-        {"better": "cdpo", "worse": "dpo"}]}
-    table = verdicts(runs, calibration, scenario).set_index(["better", "worse"])
+        {"better": "cdpo", "worse": "dpo"}, {"same": ["ipo", "dpo"], "margin": 0.05},
+        {"same": ["robust", "dpo"], "margin": 0.05}, {"same": ["robust", "dpo"], "margin": 0.2}]}
+    table = verdicts(runs, calibration, scenario)
+    same = table[table["prediction"] == "same"].set_index("margin")
+    # ipo - dpo = [0.01, -0.02, -0.01, 0.02] within +-0.05: confirmed; robust - dpo ~ -0.1: outside +-0.05, inside 0.2
+    assert same["verdict"].tolist() == ["confirmed", "refuted", "confirmed"]
+    table = table[table["prediction"] == "better"].set_index(["first", "second"])
     d = [0.10, 0.11, 0.09, 0.09]  # dpo - robust per seed: robust's gap is smaller
     mean, sd = sum(d) / 4, pd.Series(d).std()
     half = t_quantile(4) * sd / 2

@@ -44,6 +44,7 @@ from prefopt.train.batching import (
 from prefopt.train.formats import DataError
 from prefopt.train.builtin import BUILTIN, DATASETS, source
 from prefopt.train.models import load_tokenizer
+from prefopt.train.rows import Unpairing, unpaired_rows
 from prefopt.train.sources import load_rows
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class PreferenceDataModule(L.LightningDataModule):
         share_prompt: bool = False,
         group_by_length: int = 0,
         unpaired: bool = False,
+        unpairing: Unpairing | None = None,
         scores: bool = False,
         extras: bool = False,
         seed: int = 0,
@@ -140,6 +142,7 @@ class PreferenceDataModule(L.LightningDataModule):
             group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
                 batches again, then shuffle the batches (prefopt/train/batching.py): less padding, less varied batches.
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
+            unpairing: which rows pairs give an unpaired loss (imbalanced or unrelated; `prefopt.train.rows`).
             scores: read the responses' scores (fields chosen_score and rejected_score, mapped with `columns`; on the
                 built-in task, its exact gold rewards); set by the CLI when the loss reads them.
             extras: read further responses per prompt (field extra, a list per row, the same count in every row; with
@@ -344,13 +347,10 @@ class PreferenceDataModule(L.LightningDataModule):
         return batch
 
     def unpaired_rows(self) -> list[dict[str, Any]]:
-        if self.train_rows is not None:  # unpaired source data
+        """Unpaired source data's rows, or the training pairs' (`prefopt.train.rows`, as `unpairing` says)."""
+        if self.train_rows is not None:
             return self.train_rows
-        rows = []
-        for e in self.train_examples:
-            rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "desirable": True})
-            rows.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["rejected_ids"], "desirable": False})
-        return rows
+        return unpaired_rows(self.train_examples, self.hparams.unpairing, self.hparams.seed)
 
     @property
     def builtin_task(self) -> bool:

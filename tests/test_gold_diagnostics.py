@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from test_gold_task import one_thread  # noqa: F401  (autouse fixture: one thread)
 
 from prefopt.gold import task
 from prefopt.gold.build import build_tokenizer, load_reference
@@ -50,13 +51,6 @@ class TableLM(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=seen + input_ids.shape[1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread gains little and stalls when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

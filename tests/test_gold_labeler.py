@@ -8,19 +8,13 @@ import json
 from collections import Counter
 
 import pytest
-import torch
+from test_gold_task import one_thread  # noqa: F401  (autouse fixture: one thread)
 
 from prefopt.gold import task
 from prefopt.gold.build import _hash
 from prefopt.gold.pairs import PAIRS_META, PAIRS_VERSION, Labeler, _reference_identity, ensure_pairs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(path):

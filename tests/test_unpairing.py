@@ -4,6 +4,7 @@ rows of the scenario of unpaired labels, with exact counts."""
 from __future__ import annotations
 
 import pytest
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 
 from prefopt.train.rows import Unpairing, unpaired_rows
 
@@ -37,3 +38,22 @@ def test_unrelated_rows_never_hold_both_responses_of_a_pair():
 def test_bad_fractions_are_named(bad):
     with pytest.raises(ValueError, match=r"data.unpairing.\w+ must be in \(0, 1\]"):
         Unpairing(**bad)
+
+
+def test_a_fit_trains_on_the_rows_the_command_line_asks_for(micro_base, monkeypatch):
+    """The CLI hands `data.unpairing` to the DataModule (an object, not its dict), and KTO trains on those rows."""
+    from prefopt.cli import main
+
+    seen = {}
+    real = unpaired_rows
+
+    def spy(examples, unpairing, seed):
+        seen["rows"] = real(examples, unpairing, seed)
+        return seen["rows"]
+
+    monkeypatch.setattr("prefopt.train.data.unpaired_rows", spy)
+    cli = main(["fit", "--model.loss={name: kto}", "--data.unpairing.desirable=0.5", "--data.unpairing.unrelated=true",
+                "--trainer.max_steps=2"])
+    assert cli.trainer.global_step == 2
+    desirable = sum(r["desirable"] for r in seen["rows"])
+    assert 0 < desirable < len(seen["rows"]) / 2 + 1 and len(seen["rows"]) < len(cli.datamodule.train_examples)

@@ -160,7 +160,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if unknown:
             raise DataError(f"data.columns: unknown field(s) {sorted(unknown)}; fields: {', '.join(formats.FIELDS)}")
         self.save_hyperparameters()
-        self.gold = gold or GoldData()
+        self.gold, self.unpairing = gold or GoldData(), unpairing  # the objects: hparams hold them as dicts
         self.tokenizer = None
         self.train_examples: list[dict[str, Any]] = []  # pairs: prompt_ids, chosen_ids, rejected_ids
         self.val_examples: list[dict[str, Any]] = []
@@ -350,7 +350,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Unpaired source data's rows, or the training pairs' (`prefopt.train.rows`, as `unpairing` says)."""
         if self.train_rows is not None:
             return self.train_rows
-        return unpaired_rows(self.train_examples, self.hparams.unpairing, self.hparams.seed)
+        return unpaired_rows(self.train_examples, self.unpairing, self.hparams.seed)
 
     @property
     def builtin_task(self) -> bool:

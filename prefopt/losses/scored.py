@@ -184,7 +184,7 @@ def infonca(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Te
 @register(
     "infonca_k",
     paper="Chen et al. 2024, 'Noise Contrastive Alignment of Language Models with Explicit Rewards', arXiv 2402.05369 "
-    "(InfoNCA, Eq. 9: K responses per prompt with their rewards)",
+    "(InfoNCA: K responses per prompt with their rewards)",
     formula="-sum_i softmax(s / alpha)_i log softmax(beta r)_i over the K = M + 2 responses: the pair and the M "
     "further ones",
     needs_reference=True,

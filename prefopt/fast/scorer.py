@@ -199,12 +199,15 @@ class Scorer:
                                                           rows["completion_mask"], pairs)[0]
         return record.replace(**fields)
 
-    def _plain_tokens(self, model: nn.Module, rows: dict[str, Tensor]) -> TokenScores:
-        """Per-token completion log-probs of prompt + completion rows (no prompt sharing), with the configured head."""
+    def _plain_tokens(self, model: nn.Module, rows: dict[str, Tensor], distribution: bool = False,
+                      collision: bool = False, prompt: bool = False) -> TokenScores:
+        """`TokenScores` of prompt + completion rows (no prompt sharing), with the configured LM head: the training
+        batches' two-row layout and the further responses' rows."""
         chunk = self.options.logps_chunk_size
-        if chunk is not None:
-            return head_token_scores(model, rows, chunk)
-        return scores_from_logits(forward_logits(model, rows), rows)
+        if chunk is not None:  # check_fields keeps distribution-reading losses off this path
+            return head_token_scores(model, rows, chunk, collision=collision, prompt=prompt)
+        return scores_from_logits(forward_logits(model, rows), rows, distribution=distribution, collision=collision,
+                                  prompt=prompt)
 
     def _tokens(self, model: nn.Module, batch: dict[str, Tensor], policy: bool) -> TokenScores:
         """Per-token completion log-probs (N, L) and what the loss reads beyond them: both models' next-token
@@ -213,9 +216,7 @@ class Scorer:
                                                        "prompt": self.prompt and policy}
         if self.shares_prompt:
             return shared_token_scores(model, batch, chunk, distribution=self.distribution, **wants)
-        if chunk is not None:  # check_fields keeps distribution-reading losses off this path
-            return head_token_scores(model, batch, chunk, **wants)
-        return scores_from_logits(forward_logits(model, batch), batch, distribution=self.distribution, **wants)
+        return self._plain_tokens(model, batch, distribution=self.distribution, **wants)
 
     def _sample_keys(self, batch: dict[str, Tensor]) -> Tensor | None:
         """SamPO's per-pair keys: the training pairs' example index (what the reference cache is keyed by), or, in

@@ -8,11 +8,11 @@ rewards (TPO's gold response, InfoNCA's K responses). Written atomically, like e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -120,6 +120,20 @@ def test_expansion_is_axes_times_variants_with_generated_names(tmp_path, micro_b
     assert runs[3].loss["beta"] == 0.2 and runs[3].loss["name"] == "kto"
 
 
+def test_a_string_value_reaches_the_run_as_that_string(tmp_path, capsys):
+    """jsonargparse keeps the quotes of a JSON string in a str field: `model.model: gold_weak` must arrive unquoted
+    (quoted, it named a hub repository '"gold_weak"' and every run of the weak-start scenario failed)."""
+    from prefopt.cli import main
+
+    path = write_grid(tmp_path, {"variants": [{"model.model": "gold_weak", "model.loss.name": "dpo"}]})
+    (run,) = expand(load_grid(path))
+    args = run.overrides(load_grid(path).base)
+    assert "--model.model=gold_weak" in args
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    assert "  model: gold_weak\n" in capsys.readouterr().out  # (data.tokenizer, linked to it, is not printed)
+
+
 def test_loss_keys_merge_into_the_base_loss(tmp_path, micro_base):
     """The stacked base sets dpo with label smoothing 0.2; sweeping model.loss.beta keeps it."""
     base = tmp_path / "cdpo.yaml"

@@ -149,14 +149,16 @@ class Scorer:
 
     def prepare(self, policy: nn.Module, reference: nn.Module) -> None:
         """Apply the model-level levers once the models are loaded: the trimmed last layer, then compilation."""
+        for model in (policy, reference):
+            self.prepare_model(model)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """The trimmed last layer, then compilation (in place: the decoder stack), for one model."""
         if self.options.trim_last_layer:  # before compiling, which then traces the trimmed layer
-            for model in (policy, reference):
-                trim_last_layer(model)
-        if self.options.compile:  # in place: the decoder stacks (a LoRA reference view shares the policy's)
-            for model in (policy, reference):
-                if isinstance(model, nn.Module):
-                    parts = decoder_and_head(model)
-                    (model if parts is None else parts[0]).compile(dynamic=True)
+            trim_last_layer(model)
+        if self.options.compile and isinstance(model, nn.Module):  # a LoRA reference view shares the policy's
+            parts = decoder_and_head(model)
+            (model if parts is None else parts[0]).compile(dynamic=True)
 
     # ---------------------------------------------------------------- training
     def score(self, policy: nn.Module, reference: nn.Module | None, batch: dict[str, Tensor]) -> PairLogps | UnpairedLogps:

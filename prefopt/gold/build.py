@@ -128,6 +128,12 @@ class ReferenceRecipe:
     kl_samples: int = 8192  # base samples used to measure KL(base || ref) after training
 
 
+# A weak start (scenario S8, experiments/scenarios/weak_start.yaml): the same SFT stopped after 100 of the schedule's
+# steps, KL(base || weak) ~ 0.57 nats against the reference's ~0.02 (its samples: reward 0.21, the base's 0.38, 7% outside
+# the base's support): a model that has not been through its SFT stage yet.
+WEAK_RECIPE = ReferenceRecipe(steps=100)
+
+
 def reference_key(recipe: ReferenceRecipe) -> str:
     """Hash of the recipe, the build version and the task definition (vocabulary and base distribution)."""
     task_def = {"vocab": task.VOCAB, "weights": task.CATEGORY_WEIGHTS, "lengths": (task.MIN_LEN, task.MAX_LEN)}
@@ -250,6 +256,11 @@ def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecip
         (tmp / REFERENCE_META).write_text(json.dumps(meta, indent=2))
     log.info("built the reference in %.1f s: KL(base || ref) = %.4f ± %.4f nats", train_s, kl, kl_se)
     return final
+
+
+def ensure_weak_reference(cache_dir: str | Path | None = None) -> Path:
+    """Directory of the weak start (`WEAK_RECIPE`, built-in model name "gold_weak"); built if missing (~10 s)."""
+    return ensure_reference(cache_dir, WEAK_RECIPE)
 
 
 def load_reference(reference_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

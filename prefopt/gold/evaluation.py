@@ -5,7 +5,9 @@ generalization number). The quoted titles are sections of docs/gold_task.md, 'Pi
 
 - gold_reward:     mean R(x, y), with its standard error gold_reward_se ('Sample enough': use >= 2,048 samples);
 - sampled_kl:      mean over samples of log pi(y|x) - log pi_ref(y|x), completion tokens only (a Monte-Carlo
-                   KL(pi || pi_ref); single terms can be negative, only the mean is a KL);
+                   KL(pi || pi_ref); single terms can be negative, only the mean is a KL). In a run, pi_ref is the
+                   task's reference (the frontier's anchor), whatever the run's own reference is: a weak start
+                   (`gold_weak`) or a reference reset to the policy mid-run moves the run's reference, not the axis;
 - frontier_reward: the best reward any policy reaches at that KL (`gold_task.frontier_reward_at_kl`, KL
                    clamped at 0), and frontier_gap = frontier_reward - gold_reward ('Over-optimization shows in
                    the frontier gap': it exposes over-optimization that reward alone hides);
@@ -43,6 +45,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt.gold import task
+from prefopt.gold.build import ensure_reference, load_reference
 from prefopt.gold.sampling import Response, sample_responses, score_responses
 
 log = logging.getLogger(__name__)
@@ -134,8 +137,8 @@ class GoldTaskEvaluation(L.Callback):
     """Logs `evaluate_policy` at the end of every validation epoch (not during the sanity check).
 
     Metrics go to ``val/gold/<key>`` (fresh samples on the training prompts) and ``val/gold_heldout/<key>``
-    (the held-out prompts). Expects ``pl_module.policy``, ``pl_module.reference`` (frozen HF causal LMs on the
-    module's device) and ``trainer.datamodule.tokenizer``. Every rank computes the same numbers from the same
+    (the held-out prompts). Expects ``pl_module.policy`` (an HF causal LM) and ``trainer.datamodule.tokenizer``;
+    the KL is measured from the task's reference (`anchor`), not from ``pl_module.reference``. Every rank computes the same numbers from the same
     seed, so ``sync_dist`` averaging is a no-op that keeps the loggers consistent.
     """
 
@@ -153,6 +156,7 @@ class GoldTaskEvaluation(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.active = True  # set per fit in `setup`
+        self._anchor: PreTrainedModel | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """On for the built-in task's data only: its prompts, reward and frontier mean nothing for other data."""
@@ -165,11 +169,20 @@ class GoldTaskEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.active:
             return
-        tokenizer = trainer.datamodule.tokenizer
+        tokenizer, anchor = trainer.datamodule.tokenizer, self.anchor(pl_module.policy)
         for prefix, topics in (("val/gold", task.TRAIN_TOPICS), ("val/gold_heldout", task.HELDOUT_TOPICS)):
             metrics = evaluate_policy(
-                pl_module.policy, pl_module.reference, tokenizer, topics,
+                pl_module.policy, anchor, tokenizer, topics,
                 num_samples=self.num_samples, seed=self.seed, max_new_tokens=self.max_new_tokens,
             )
             for key, value in metrics.items():
                 pl_module.log(f"{prefix}/{key}", value, sync_dist=True)
+
+    def anchor(self, policy: PreTrainedModel) -> PreTrainedModel:
+        """The task's reference (`ensure_reference`, the pairs' source), which the frontier is measured from, on the
+        policy's device and in its dtype: for a run that starts from it (`model.model: gold`) the same weights as
+        the run's reference, so the numbers are those a KL to the run's reference gives."""
+        if self._anchor is None:
+            self._anchor = load_reference(ensure_reference())[0]
+        weight = next(policy.parameters())
+        return self._anchor.to(device=weight.device, dtype=weight.dtype)

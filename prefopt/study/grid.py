@@ -66,8 +66,10 @@ class Run:
 
     def overrides(self, base: tuple[Path, ...]) -> list[str]:
         """The `fit` arguments of this run (without the logger's location, which the runner adds)."""
+        # A string goes as it is: jsonargparse keeps the quotes of a JSON string in a str-typed field.
         args = [f"--config={p}" for p in base]
-        args += [f"--{k}={json.dumps(v)}" for k, v in self.assigned.items() if not k.startswith(LOSS_KEY)]
+        args += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in self.assigned.items()
+                 if not k.startswith(LOSS_KEY)]
         return args + [f"--{LOSS_KEY}={json.dumps(self.loss)}"]
 
 

@@ -11,7 +11,8 @@ import importlib
 from collections.abc import Callable
 
 BUILTIN = "gold"  # the built-in task (prefopt/gold/): its reference policy and its preference pairs
-MODELS = {BUILTIN: "prefopt.gold.build:ensure_reference"}
+WEAK = "gold_weak"  # the built-in task's weak start: its reference's SFT stopped early (scenario S8)
+MODELS = {BUILTIN: "prefopt.gold.build:ensure_reference", WEAK: "prefopt.gold.build:ensure_weak_reference"}
 DATASETS = {BUILTIN: "prefopt.gold.pairs:pair_files"}
 
 

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from prefopt.fast.allocator import keep_freed_host_memory
 from prefopt.fast.prefix_sharing import MASK_BACKENDS
-from prefopt.fast.reference_cache import load_or_compute
+from prefopt.fast.reference_cache import compute_reference_logps, load_or_compute
 from prefopt.fast.scorer import Scorer, ScoringOptions
 from prefopt.losses import LossConfig
 from prefopt.losses.state import SingleProcess
@@ -68,6 +68,7 @@ class PreferenceModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora: LoraOptions | None = None,
         scoring: ScoringOptions = ScoringOptions(),
+        sft_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -83,10 +84,23 @@ class PreferenceModule(L.LightningModule):
             scoring: the speed and memory switches (prompt sharing, reference cache, chunked head, trimmed layer,
                 compile, attention backend, gradient checkpointing, host memory, finite-loss checks): how a batch
                 becomes a record, never what the record holds (`prefopt.fast.scorer.ScoringOptions`).
+            sft_steps: the first N optimizer steps fit the chosen responses (the registered `sft` loss), then the
+                reference becomes a frozen copy of the policy and `loss` trains the remaining steps: SFT, then the
+                preference loss from the SFT model, in one run of a fixed total of steps (scenario S8). 0: the
+                reference is the starting model throughout.
         """
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if sft_steps < 0:
+            raise ValueError(f"sft_steps must be >= 0, got {sft_steps}")
+        if sft_steps and (lora is not None or not loss.paired):
+            raise ValueError("model.sft_steps needs full fine-tuning (no model.lora: the reference is then a view of "
+                             f"the policy) and a paired loss (SFT fits the chosen responses), not {loss.name!r}"
+                             + (" with lora" if lora is not None else ""))
+        self._sft = LossConfig("sft") if sft_steps else None
+        self._reference_reset = False  # the reference is the policy as it was at step sft_steps
+        self._pending_reference: dict[str, Tensor] | None = None
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
         self._total_steps = 1  # the run's optimizer steps, set by configure_optimizers: the loss state's progress
         self._unchecked_steps = 0
@@ -122,12 +136,36 @@ class PreferenceModule(L.LightningModule):
             enable_gradient_checkpointing(policy)
         if self.lora is None:
             self.policy = policy.train()
-            self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
+            self._reference = [self._load_reference(kwargs)]
         else:  # the reference is a view of the policy (adapters disabled, or a frozen starting adapter)
             self.policy, reference = attach_lora(policy, self.lora)
             self.policy.train()
             self._reference = [reference]
         self.scorer.prepare(self.policy, self._reference[0])
+        if self._pending_reference is not None:  # loaded from a checkpoint before the models were
+            self.reset_reference(self._pending_reference)
+
+    def _load_reference(self, kwargs: dict | None = None) -> PreTrainedModel:
+        """A frozen copy of the starting model, from its source."""
+        kwargs = kwargs or {"dtype": self.hparams.dtype, "attn_implementation": self.scorer.options.attn_implementation}
+        return freeze(load_causal_lm(self.hparams.model, **kwargs))
+
+    def reset_reference(self, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The reference becomes a frozen copy of the policy as it is now (or of `state_dict`), with the scorer's
+        levers applied. The cached table of the training pairs' reference log-probs is dropped: the caller
+        recomputes it (`on_train_batch_start`, `on_fit_start`), so the old reference's table is never read again."""
+        reference = self._load_reference()
+        reference.load_state_dict(self.policy.state_dict() if state_dict is None else state_dict)
+        self._reference = [reference.to(self.device)]
+        self.scorer.prepare_model(reference)
+        self.scorer.use_reference_table(None)
+        self._reference_reset = True
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self._sft is not None and self.global_step == self.hparams.sft_steps and not self._reference_reset:
+            self.reset_reference()
+            if self.scorer.caches_reference:  # this run's own reference: computed in memory, never cached on disk
+                self.scorer.use_reference_table(self._reference_table(cache=False))
 
     def _check_attention(self) -> None:
         """Attention settings that would fail only at the first step, refused before any model is loaded."""
@@ -156,8 +194,14 @@ class PreferenceModule(L.LightningModule):
         if self.lora is not None:
             keep = trainable_keys(self) | {name for name, _ in self.named_buffers()}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self._reference_reset:  # not recoverable from its source: a resumed run needs it
+            checkpoint["reference_state_dict"] = self._reference[0].state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "reference_state_dict" in checkpoint:  # a reset reference (sft_steps): set up once the policy is loaded
+            self._pending_reference = checkpoint["reference_state_dict"]
+            if self.policy is not None:
+                self.reset_reference(self._pending_reference)
         state_dict = checkpoint["state_dict"]
         for old, new in LEGACY_BUFFERS.items():  # checkpoints from before the loss-state modules
             value = state_dict.pop(old, None)
@@ -182,17 +226,23 @@ class PreferenceModule(L.LightningModule):
         self.scorer.use_reference_table(None)
         if not self.scorer.caches_reference:
             return
-        datamodule, precision = self.trainer.datamodule, str(self.trainer.precision)
-
-        def compute():  # in the run's precision context (autocast under *-mixed), one training batch at a time
-            with self.trainer.precision_plugin.forward_context():
-                return load_or_compute(self.reference, datamodule.train_examples, datamodule.collate_pairs,
-                                       batch_size=datamodule.hparams.batch_size, tag=f"precision={precision}")
-
+        if self._reference_reset:  # resumed after the reset: this run's own reference, kept in memory only
+            self.scorer.use_reference_table(self._reference_table(cache=False))
+            return
         # Rank 0 computes (or reads) and writes the cache entry; the other ranks wait, then read it.
-        table = compute()[0] if self.trainer.is_global_zero else None
+        table = self._reference_table() if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("reference_cache")
-        self.scorer.use_reference_table(compute()[0] if table is None else table)
+        self.scorer.use_reference_table(self._reference_table() if table is None else table)
+
+    def _reference_table(self, cache: bool = True) -> dict[str, Tensor]:
+        """The training pairs' reference log-probs, in the run's precision context (autocast under *-mixed), one
+        training batch at a time; read from or written to the disk cache, or (cache=False) computed in memory."""
+        datamodule, precision = self.trainer.datamodule, str(self.trainer.precision)
+        args = (self.reference, datamodule.train_examples, datamodule.collate_pairs)
+        with self.trainer.precision_plugin.forward_context():
+            if not cache:
+                return compute_reference_logps(*args, batch_size=datamodule.hparams.batch_size)
+            return load_or_compute(*args, batch_size=datamodule.hparams.batch_size, tag=f"precision={precision}")[0]
 
     def on_train_end(self) -> None:
         """Free the gradients and the optimizer state once training is over (a `save_last` checkpoint is written
@@ -206,11 +256,14 @@ class PreferenceModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | float]:
         record = self.scorer.score(self.policy, self.reference if self.scorer.live_reference else None, batch)
-        collective = self._collective()
-        for state in self.loss_state:
-            state.set_progress(self.global_step, self._total_steps)
-            record = state.update(record, collective)
-        loss = self.loss(record).mean()
+        if self._sft is not None and self.global_step < self.hparams.sft_steps:  # the SFT stage
+            loss = self._sft(record).mean()
+        else:
+            collective = self._collective()
+            for state in self.loss_state:
+                state.set_progress(self.global_step, self._total_steps)
+                record = state.update(record, collective)
+            loss = self.loss(record).mean()
         self._check_finite(loss.detach())
         # Step metrics are only written on logging steps (trainer.log_every_n_steps): computed only there.
         logs = self.loss.paired and self._logs_this_step()

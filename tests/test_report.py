@@ -234,9 +234,13 @@ def test_report_writes_tables_and_pngs(tmp_path, capsys):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     frontier = pd.read_csv(folder / "frontier.csv")
     assert frontier["kl"].is_monotonic_increasing and frontier["reward"].is_monotonic_increasing
-    targets = pd.read_csv(folder / "targets.csv").set_index("beta")
-    assert sorted(targets.index) == [0.5, 1.0, 2.0]  # DPO only: its target is the frontier point at b = T beta
-    assert (targets.loc[1.0, "target_kl"], targets.loc[1.0, "target_reward"]) == pytest.approx(frontier_point(1.0))
+    targets = pd.read_csv(folder / "targets.csv")
+    dpo, ipo = (targets[targets["loss"] == name].set_index("beta") for name in ("dpo", "ipo"))
+    assert sorted(dpo.index) == [0.5, 1.0, 2.0] and set(dpo["how"]) == {"closed form"}  # the frontier at b = T beta
+    assert (dpo.loc[1.0, "target_kl"], dpo.loc[1.0, "target_reward"]) == pytest.approx(frontier_point(1.0))
+    assert dpo["target_gap"].abs().max() < 1e-6
+    assert sorted(ipo.index) == [0.5, 2.0] and (ipo["target_gap"] > 0).all()  # (summed log-probs) below the frontier
+    assert len(targets) == 5
     ranked = pd.read_csv(folder / "ranking.csv")
     assert list(ranked["curve"]) == ["dpo", "ipo"]  # dpo sits 0.1-0.14 below the frontier, ipo 0.19-0.2
     assert set(pd.read_csv(folder / "matched_kl.csv")["curve"]) == {"dpo", "ipo"}

@@ -35,12 +35,19 @@ def test_the_sft_stage_is_the_sft_loss_and_the_reference_is_then_the_policy_at_t
     for name, value in sft.model.policy.state_dict().items():
         torch.testing.assert_close(staged.model.policy.state_dict()[name], value, rtol=0, atol=0)
 
-    cli, _ = _fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
+    # a warmup longer than the SFT stage (the micro config has none), to see the preference stage warm up again
+    cli, _ = _fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"),
+                  "--model.warmup_steps=3")
     at2 = _policy(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
     reference = cli.model.reference.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in at2.items())
     assert not all(torch.equal(cli.model.policy.state_dict()[k], v) for k, v in at2.items()), "DPO trained after"
     assert all(not p.requires_grad for p in cli.model.reference.parameters())
+    # The preference stage started with a fresh optimizer (Adam's count restarted at the switch) and warmed up again.
+    adam = torch.load(next((tmp_path / "ckpts").glob("*step=4.ckpt")), weights_only=False)["optimizer_states"][0]
+    assert {int(state["step"]) for state in adam["state"].values()} == {2}  # steps 3 and 4 only
+    factor = cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert [factor(s) for s in (0, 1, 2, 3, 4, 5)] == [1 / 3, 2 / 3, 1 / 3, 2 / 3, 1, 1]
 
 
 def test_a_run_resumed_after_the_reset_restores_its_reference_and_ends_like_an_uninterrupted_one(micro_base, tmp_path):

@@ -2,7 +2,7 @@
 
 - `frontier_plot`: gold reward against sampled KL, one point per setting (mean over seeds, error bars one s.d.
   across seeds on both axes), a line per curve along its hyperparameter, the exact optimal frontier as the limit,
-  and each DPO setting's analytic target (hollow marker, dotted to where the runs landed), as in Figure 2 of the
+  and each setting's analytic target where its loss has one (hollow marker, dotted to where the runs landed), as in Figure 2 of the
   DPO paper (Rafailov et al. 2023).
 - `gap_plot`: the gap to the frontier against the swept hyperparameter, one panel per curve.
 - `sweep_plot`: preference accuracy, log-ratio margin and sampled KL against the hyperparameter, per curve.
@@ -97,7 +97,7 @@ def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, frontier: pd.DataFrame, 
         ax.plot([t["target_kl"], t["kl"]], [t["target_reward"], t["reward"]], ":", color=color, lw=0.8)
         ax.plot(t["target_kl"], t["target_reward"], "o", mfc="none", color=color, ms=7)
     if len(targets):
-        ax.plot([], [], "o", mfc="none", color="gray", label="DPO target: frontier point at b = T beta")
+        ax.plot([], [], "o", mfc="none", color="gray", label="analytic target (population optimum)")
     ymin = min(f["reward"].min(), shown[f"{REWARD}.mean"].min()) if len(shown) else f["reward"].min()
     ax.set(xlabel="sampled KL(pi || pi_ref), nats per response", ylabel="gold reward", xlim=(0, xmax))
     ax.set_ylim(bottom=ymin - 0.1)

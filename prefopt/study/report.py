@@ -4,8 +4,10 @@ Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.
 
 - frontier.csv: the task's exact optimal frontier (b, kl, reward), so notebooks need nothing from training code;
 - best_of_n.csv: best-of-N sampling from the base, exactly (n, kl, reward): the baseline that trains nothing;
-- targets.csv: each DPO setting's analytic target: DPO's population optimum is pi_ref exp(R / (T beta)), the
-  frontier point at b = T beta (T: the label temperature), next to where its runs landed;
+- targets.csv: each setting's analytic target where its loss has one (`prefopt.gold.targets`: DPO's population
+  optimum with clean labels is pi_ref exp(R / (T beta)), the frontier point at b = T beta (T: the label
+  temperature); IPO's and, with the scenario's labeler folded in, cDPO's, robust DPO's and DPO's with flipped or
+  length-biased labels), with the target's own gap to the frontier, next to where its runs landed;
 - matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
   its difference to the best curve there, paired by seed;
 - ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.study.ranking`);
@@ -63,28 +65,41 @@ def best_of_n_table() -> pd.DataFrame:
     return pd.DataFrame({"n": BEST_OF_N, "kl": kl, "reward": reward})
 
 
-def dpo_targets(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per plain-DPO setting (every hyperparameter but beta at its default): target and achieved (kl, reward)."""
-    from prefopt.gold.task import frontier_point
+def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (curve, loss hyperparameters, labeler) whose loss has an analytic target on the gold task
+    (`prefopt.gold.targets`: DPO, cDPO, robust DPO, IPO; the labeler's temperature, flips and length bias folded
+    in): the target's (KL, reward) and its own gap to the frontier, and where the setting's runs landed."""
+    from prefopt.gold.targets import target
+    from prefopt.gold.task import frontier_reward_at_kl
     from prefopt.losses import LOSSES
 
+    columns = ["curve", "loss", "beta", "T", "b", "how", "target_kl", "target_reward", "target_gap", "kl", "reward", "n"]
     curves = rk.with_curves(runs)
-    dpo = curves[curves["loss"] == "dpo"]
-    for name, default in LOSSES["dpo"].defaults().items():
-        column = f"loss.{name}"
-        if name != "beta" and column in dpo:
-            dpo = dpo[dpo[column].astype(str) == str(default)]
-    temperature = "data.gold.label_temperature"
-    if dpo.empty or temperature not in dpo:
-        return pd.DataFrame(columns=["curve", "beta", "T", "b", "target_kl", "target_reward", "kl", "reward", "n"])
+    if curves.empty or "loss" not in curves or rk.KL not in curves:
+        return pd.DataFrame(columns=columns)
+    params = [c for c in curves.columns if c.startswith("loss.")]
+    data = [c for c in curves.columns if c.startswith("data.gold.")]
     rows = []
-    for (curve, beta, t), g in dpo.groupby(["curve", "loss.beta", temperature], sort=False):
-        if not t > 0:  # T = 0 (deterministic labels): DPO's optimum is not a finite tilt
+    for keys, g in curves.groupby(["curve", "loss", *params, *data], sort=False, dropna=False):
+        values = dict(zip(["curve", "loss", *params, *data], keys))
+        hyper = {c[5:]: v for c in params if pd.notna(v := values[c])}
+        name = LOSSES[values["loss"]].name if values["loss"] in LOSSES else values["loss"]  # cdpo is dpo
+        found = target(name, hyper, {c[10:]: values[c] for c in data if _given(values[c])})
+        if found is None:
             continue
-        kl, reward = frontier_point(t * beta)
-        rows.append({"curve": curve, "beta": beta, "T": t, "b": t * beta, "target_kl": kl, "target_reward": reward,
+        kl, reward, how = found
+        t = float(values["data.gold.label_temperature"]) if _given(values.get("data.gold.label_temperature")) else 1.0
+        beta = float(hyper.get("beta", math.nan))
+        rows.append({"curve": values["curve"], "loss": values["loss"], "beta": beta, "T": t,
+                     "b": t * beta if name == "dpo" and how == "closed form" else math.nan, "how": how,
+                     "target_kl": kl, "target_reward": reward, "target_gap": frontier_reward_at_kl(kl) - reward,
                      "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _given(value: object) -> bool:
+    """A table cell that holds a value (not NaN: a key the run did not set)."""
+    return not (value is None or (isinstance(value, float) and math.isnan(value)))
 
 
 def _interval(mean: pd.Series, lo: pd.Series, hi: pd.Series, corrected: pd.Series | None = None) -> pd.Series:
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     observed = rk.with_curves(runs)[rk.KL]
     kls = args.kl or [k for k in rk.NICE_KLS if observed.min() <= k <= observed.max()]
-    frontier, best_of_n, targets = frontier_table(), best_of_n_table(), dpo_targets(runs)
+    frontier, best_of_n, targets = frontier_table(), best_of_n_table(), loss_targets(runs)
     matched, ranked = rk.matched_kl(runs, kls), rk.ranking(runs)
     for name, table in (("frontier", frontier), ("best_of_n", best_of_n), ("targets", targets),
                         ("matched_kl", matched), ("ranking", ranked)):

@@ -85,9 +85,10 @@ class PreferenceModule(L.LightningModule):
                 compile, attention backend, gradient checkpointing, host memory, finite-loss checks): how a batch
                 becomes a record, never what the record holds (`prefopt.fast.scorer.ScoringOptions`).
             sft_steps: the first N optimizer steps fit the chosen responses (the registered `sft` loss), then the
-                reference becomes a frozen copy of the policy and `loss` trains the remaining steps: SFT, then the
-                preference loss from the SFT model, in one run of a fixed total of steps (scenario S8). 0: the
-                reference is the starting model throughout.
+                reference becomes a frozen copy of the policy and `loss` trains the remaining steps with a fresh
+                optimizer state and its own warmup: SFT, then the preference loss from the SFT model, as two runs
+                would do, in one run of a fixed total of steps (scenario S8). 0: the reference is the starting model
+                throughout.
         """
         super().__init__()
         if warmup_steps < 0:
@@ -164,6 +165,8 @@ class PreferenceModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if self._sft is not None and self.global_step == self.hparams.sft_steps and not self._reference_reset:
             self.reset_reference()
+            for optimizer in self.trainer.optimizers:  # the preference stage starts as a run of its own would
+                optimizer.state.clear()
             if self.scorer.caches_reference:  # this run's own reference: computed in memory, never cached on disk
                 self.scorer.use_reference_table(self._reference_table(cache=False))
 
@@ -346,11 +349,12 @@ class PreferenceModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         total = self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        warmup, schedule, sft = self.hparams.warmup_steps, self.hparams.lr_schedule, self.hparams.sft_steps
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
+            stage = step - sft if 0 < sft <= step else step  # the preference stage warms up again after SFT
+            if stage < warmup:
+                return (stage + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             if schedule == "linear":
                 return 1.0 - progress

@@ -350,6 +350,8 @@ def test_the_scenario_report_rederives_its_verdicts(checkout):
 
 
 def test_the_verdict_table_is_the_committed_one(checkout):
-    """results/scenarios/README.md shows the command's table as it prints it from the committed verdicts."""
+    """results/scenarios/README.md and the README's 'Scenarios' show the command's table as it prints it from the
+    committed verdicts."""
     done = run(the_command(VERDICTS), checkout)
     assert done.stdout.count("\n") > 2 and done.stdout in (ROOT / "results" / "scenarios" / "README.md").read_text()
+    assert done.stdout in (ROOT / "README.md").read_text().split("## Scenarios", 1)[1]

@@ -212,6 +212,8 @@ def gold_results(folder: Path) -> Path:
         for beta in (0.5, 1.0, 2.0):
             kl, reward = frontier_point(beta * 1.3)
             final = gold_final(kl, reward - 0.1 - 0.02 * seed, accuracy=0.72)
+            final |= {"val/gold/mean_length": 8 + kl, "val/gold/outside_support_fraction": 0.02 * kl,
+                      "val/chosen_logratio": -0.5 * kl, "val/rejected_logratio": -1.5 * kl}  # diagnostics, dpo only
             loss = {"name": "dpo", "beta": beta, "label_smoothing": 0.0}
             dirs.append(fake_run(folder / "runs", "dpo", loss, seed, final))
         for tau in (0.5, 2.0):
@@ -230,7 +232,7 @@ def test_report_writes_tables_and_pngs(tmp_path, capsys):
     assert report.main([str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "Ranking by the mean gap" in printed and "dpo" in printed and "ipo" in printed
-    for png in ("frontier.png", "frontier_gap.png", "beta_sweeps.png", "curves.png"):
+    for png in ("frontier.png", "frontier_gap.png", "beta_sweeps.png", "curves.png", "diagnostics.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     frontier = pd.read_csv(folder / "frontier.csv")
     assert frontier["kl"].is_monotonic_increasing and frontier["reward"].is_monotonic_increasing
@@ -241,6 +243,9 @@ def test_report_writes_tables_and_pngs(tmp_path, capsys):
     assert dpo["target_gap"].abs().max() < 1e-6
     assert sorted(ipo.index) == [0.5, 2.0] and (ipo["target_gap"] > 0).all()  # (summed log-probs) below the frontier
     assert len(targets) == 5
+    from prefopt.study import plots
+
+    assert plots.diagnostics_plot(pd.DataFrame({"curve": ["x"], f"{rk.KL}.mean": [1.0]}), folder / "none.png") is None
     ranked = pd.read_csv(folder / "ranking.csv")
     assert list(ranked["curve"]) == ["dpo", "ipo"]  # dpo sits 0.1-0.14 below the frontier, ipo 0.19-0.2
     assert set(pd.read_csv(folder / "matched_kl.csv")["curve"]) == {"dpo", "ipo"}

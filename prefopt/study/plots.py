@@ -8,6 +8,7 @@
 - `sweep_plot`: preference accuracy, log-ratio margin and sampled KL against the hyperparameter, per curve.
 - `curves_plot`: gold reward, sampled KL and accuracy at every validation step, one panel per curve and metric,
   one colour per hyperparameter value (seeds thin, their mean thick).
+- `diagnostics_plot`: the diagnostics of why a loss loses against sampled KL, one colour per curve.
 """
 
 from __future__ import annotations
@@ -212,3 +213,40 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
 def curves_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     """`curves_figure`, saved to path."""
     return _save(curves_figure(history, runs), path)
+
+
+# Why a loss loses (`prefopt.gold.evaluation`): (metric, panel title); both log-ratios share the last panel.
+DIAGNOSTICS = (("val/gold/outside_support_fraction", "samples outside the base's support"),
+               ("val/gold/outside_support_kl_share", "share of the KL spent outside the support"),
+               ("val/gold/mean_length", "mean length (words)"), ("val/gold/entropy", "next-token entropy (nats)"),
+               ("val/gold/top_token_prob", "probability of the top next token"))
+LOGRATIOS = (("val/chosen_logratio", "o"), ("val/rejected_logratio", "v"))
+
+
+def diagnostics_plot(points: pd.DataFrame, path: Path, base_length: float | None = None) -> Path | None:
+    """The diagnostics against sampled KL, one point per setting (mean over seeds, error bars one s.d.), a colour per
+    curve: support, length (the base's mean as a dashed line), entropy and squeezing, and the held-out pairs' chosen
+    (circles) and rejected (triangles) log-ratios. None when the runs logged none of them."""
+    shown = [(m, title) for m, title in DIAGNOSTICS if f"{m}.mean" in points]
+    if not shown or f"{KL}.mean" not in points:
+        return None
+    colors = _colors(list(points["curve"].unique()))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    panels = [*shown, ("logratios", "held-out log-ratios: chosen (o), rejected (v)")]
+    for ax, (metric, title) in zip(axes.flat, panels):
+        for curve, g in points.groupby("curve", sort=False):
+            g = g.sort_values(f"{KL}.mean")
+            series = LOGRATIOS if metric == "logratios" else ((metric, "o"),)
+            for m, marker in series:
+                if f"{m}.mean" in g:
+                    ax.errorbar(g[f"{KL}.mean"], g[f"{m}.mean"], yerr=g.get(f"{m}.std"), fmt=marker + "-", ms=4,
+                                lw=1, capsize=2, color=colors[curve], label=curve if m == series[0][0] else None)
+        if metric == "val/gold/mean_length" and base_length is not None:
+            ax.axhline(base_length, color="black", ls="--", lw=0.8, label="base")
+        ax.set(title=title, xlabel="sampled KL, nats")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)

@@ -11,7 +11,8 @@ Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.
 - matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
   its difference to the best curve there, paired by seed;
 - ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.study.ranking`);
-- frontier.png, frontier_gap.png, beta_sweeps.png, curves.png (`prefopt.study.plots`).
+- frontier.png, frontier_gap.png, beta_sweeps.png, curves.png, and diagnostics.png (why a loss loses: support,
+  length, entropy, squeezing and log-ratio drift against KL) (`prefopt.study.plots`).
 
 It prints the summary (mean ± 95% CI across seeds), the matched-KL table and the ranking. Preference accuracy is
 shown but never ranks (docs/gold_task.md, 'Preference accuracy does not rank losses'). A grid without gold metrics
@@ -208,7 +209,11 @@ def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd
                plots.sweep_plot(points, out / "beta_sweeps.png")]
     if not history.empty and rk.REWARD in history:
         written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
-    return written
+    from prefopt.gold.task import compositions
+
+    comp = compositions()
+    diagnostics = plots.diagnostics_plot(points, out / "diagnostics.png", float(np.exp(comp.log_prob) @ comp.length))
+    return written + ([diagnostics] if diagnostics is not None else [])
 
 
 def main(argv: list[str] | None = None) -> int:

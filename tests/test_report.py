@@ -356,3 +356,11 @@ def test_a_calibrating_grid_is_compared_at_its_targets_without_interpolation():
     assert table.loc["b", "gap_vs_best_other.mean"] == pytest.approx(-0.05)
     assert table.loc["a", "gap_vs_best_other.mean"] == pytest.approx(0.05)
     assert table.loc["a", "gap_vs_best_other.lo"] <= 0.05 <= table.loc["a", "gap_vs_best_other.hi"]
+
+
+def test_targets_only_for_runs_from_the_tasks_reference():
+    """A target is a tilt of the base: a weak start or a reference reset after SFT has none."""
+    assert report._from_task_reference(pd.DataFrame({"model.model": ["gold", float("nan")]}))
+    assert report._from_task_reference(pd.DataFrame({"x": [1]}))
+    assert not report._from_task_reference(pd.DataFrame({"model.model": ["gold_weak"]}))
+    assert not report._from_task_reference(pd.DataFrame({"model.model": ["gold"], "model.sft_steps": [100]}))

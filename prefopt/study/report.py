@@ -69,7 +69,8 @@ def best_of_n_table() -> pd.DataFrame:
 def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
     """Per setting (curve, loss hyperparameters, labeler) whose loss has an analytic target on the gold task
     (`prefopt.gold.targets`: DPO, cDPO, robust DPO, IPO; the labeler's temperature, flips and length bias folded
-    in): the target's (KL, reward) and its own gap to the frontier, and where the setting's runs landed."""
+    in): the target's (KL, reward) and its own gap to the frontier, and where the setting's runs landed. Only for
+    runs whose reference is the task's (the targets are tilts of the base)."""
     from prefopt.gold.targets import target
     from prefopt.gold.task import frontier_reward_at_kl
     from prefopt.losses import LOSSES
@@ -83,6 +84,8 @@ def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for keys, g in curves.groupby(["curve", "loss", *params, *data], sort=False, dropna=False):
         values = dict(zip(["curve", "loss", *params, *data], keys))
+        if not _from_task_reference(g):
+            continue  # the population optimum is a tilt of the run's reference: only the task's is the base
         hyper = {c[5:]: v for c in params if pd.notna(v := values[c])}
         name = LOSSES[values["loss"]].name if values["loss"] in LOSSES else values["loss"]  # cdpo is dpo
         found = target(name, hyper, {c[10:]: values[c] for c in data if _given(values[c])})
@@ -96,6 +99,13 @@ def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
                      "target_kl": kl, "target_reward": reward, "target_gap": frontier_reward_at_kl(kl) - reward,
                      "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})
     return pd.DataFrame(rows, columns=columns)
+
+
+def _from_task_reference(runs: pd.DataFrame) -> bool:
+    """Whether these runs' reference is the task's own throughout (not a weak start, not reset after an SFT stage)."""
+    model = runs["model.model"] if "model.model" in runs else pd.Series(["gold"] * len(runs))
+    sft = runs["model.sft_steps"] if "model.sft_steps" in runs else pd.Series([0] * len(runs))
+    return bool(model.fillna("gold").eq("gold").all() and sft.fillna(0).eq(0).all())
 
 
 def _given(value: object) -> bool:

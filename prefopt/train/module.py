@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import lightning as L
@@ -37,24 +36,13 @@ from prefopt.losses import LossConfig
 from prefopt.losses.state import SingleProcess
 from prefopt.metrics import PAIR_METRICS, MeanMetrics, pair_metrics
 from prefopt.train.lora import LoraOptions, attach_lora, trainable_keys
+from prefopt.train.optim import adamw, describe_optimizer, lr_factor
 from prefopt.train.builtin import BUILTIN
 from prefopt.train.models import enable_gradient_checkpointing, freeze, load_causal_lm
+from prefopt.train.reference import ReferenceUpdate, mix_into, rescore_pays
 
 
 LEGACY_BUFFERS = {"logratio_sum": "total", "logratio_count": "count"}  # old module buffer -> loss-state buffer
-
-
-def _adamw(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=5e-4)
-
-
-def describe_optimizer(factory) -> dict:
-    """The optimizer's class path and plain-valued settings, from the factory the CLI builds (a partial)."""
-    if isinstance(factory, functools.partial):
-        cls = next((a for a in reversed(factory.args) if isinstance(a, type)), factory.func)
-        plain = {k: v for k, v in factory.keywords.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", **plain}
-    return {"class_path": f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"}
 
 
 class PreferenceModule(L.LightningModule):
@@ -62,13 +50,14 @@ class PreferenceModule(L.LightningModule):
         self,
         model: str = BUILTIN,
         loss: LossConfig = LossConfig("dpo"),
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora: LoraOptions | None = None,
         scoring: ScoringOptions = ScoringOptions(),
         sft_steps: int = 0,
+        reference_update: ReferenceUpdate = ReferenceUpdate(),
     ) -> None:
         """
         Args:
@@ -89,6 +78,9 @@ class PreferenceModule(L.LightningModule):
                 optimizer state and its own warmup: SFT, then the preference loss from the SFT model, as two runs
                 would do, in one run of a fixed total of steps (scenario S8). 0: the reference is the starting model
                 throughout.
+            reference_update: TR-DPO's moving reference (`prefopt.train.reference`): every `every` optimizer steps
+                of the preference stage, reference <- alpha * policy + (1 - alpha) * reference (alpha 1: the hard
+                update). every 0: the reference stays.
         """
         super().__init__()
         if warmup_steps < 0:
@@ -99,8 +91,13 @@ class PreferenceModule(L.LightningModule):
             raise ValueError("model.sft_steps needs full fine-tuning (no model.lora: the reference is then a view of "
                              f"the policy) and a paired loss (SFT fits the chosen responses), not {loss.name!r}"
                              + (" with lora" if lora is not None else ""))
+        if reference_update.every and lora is not None:
+            raise ValueError("model.reference_update needs full fine-tuning: with model.lora the reference is a view "
+                             "of the policy")
+        self.reference_update = reference_update
         self._sft = LossConfig("sft") if sft_steps else None
-        self._reference_reset = False  # the reference is the policy as it was at step sft_steps
+        self._reference_moved = False  # the reference is no longer its source's (reset after SFT, TR-DPO updates)
+        self._moved_at: int | None = None  # the optimizer step before which it last moved
         self._pending_reference: dict[str, Tensor] | None = None
         self._nonfinite: Tensor | None = None  # losses not yet checked: any non-finite? (a device flag)
         self._total_steps = 1  # the run's optimizer steps, set by configure_optimizers: the loss state's progress
@@ -111,6 +108,7 @@ class PreferenceModule(L.LightningModule):
         # hparams.yaml and TensorBoard's HPARAMS view tell runs apart by the loss and the optimizer: saved as plain
         # values (save_hyperparameters reads the arguments' current values, so these names are rebound first).
         loss, optimizer, scoring = loss.to_dict(), describe_optimizer(optimizer), dataclasses.asdict(scoring)  # noqa: F841
+        reference_update = dataclasses.asdict(reference_update)
         self.save_hyperparameters()
         self.lora = lora
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapter only (see on_load_checkpoint)
@@ -160,15 +158,35 @@ class PreferenceModule(L.LightningModule):
         self._reference = [reference.to(self.device)]
         self.scorer.prepare_model(reference)
         self.scorer.use_reference_table(None)
-        self._reference_reset = True
+        self._reference_moved = True
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if self._sft is not None and self.global_step == self.hparams.sft_steps and not self._reference_reset:
+        """Move the reference where the run says so (the end of the SFT stage, TR-DPO's updates), once per optimizer
+        step: with gradient accumulation, the step's micro-batches share one reference."""
+        step, sft = self.global_step, self.hparams.sft_steps
+        if step == self._moved_at:
+            return
+        if self._sft is not None and step == sft:
             self.reset_reference()
             for optimizer in self.trainer.optimizers:  # the preference stage starts as a run of its own would
                 optimizer.state.clear()
-            if self.scorer.caches_reference:  # this run's own reference: computed in memory, never cached on disk
-                self.scorer.use_reference_table(self._reference_table(cache=False))
+        elif self.reference_update.due(step, sft):
+            mix_into(self.reference, self.policy, self.reference_update.alpha)
+            self._reference_moved = True
+        else:
+            return
+        self._moved_at = step
+        self._refresh_reference_table()
+
+    def _refresh_reference_table(self) -> None:
+        """After the reference moved: the training pairs' reference log-probs rescored in memory (never cached on
+        disk: this run's own reference) when the reference stays put long enough to pay for it, else read live."""
+        if not self.scorer.caches_reference:
+            return
+        until = self.reference_update.every or max(1, self._total_steps - self.global_step)
+        datamodule = self.trainer.datamodule
+        pays = rescore_pays(until, datamodule.hparams.batch_size, len(datamodule.train_examples))
+        self.scorer.use_reference_table(self._reference_table(cache=False) if pays else None)
 
     def _check_attention(self) -> None:
         """Attention settings that would fail only at the first step, refused before any model is loaded."""
@@ -197,7 +215,7 @@ class PreferenceModule(L.LightningModule):
         if self.lora is not None:
             keep = trainable_keys(self) | {name for name, _ in self.named_buffers()}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        if self._reference_reset:  # not recoverable from its source: a resumed run needs it
+        if self._reference_moved:  # not recoverable from its source: a resumed run needs it
             checkpoint["reference_state_dict"] = self._reference[0].state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -229,8 +247,8 @@ class PreferenceModule(L.LightningModule):
         self.scorer.use_reference_table(None)
         if not self.scorer.caches_reference:
             return
-        if self._reference_reset:  # resumed after the reset: this run's own reference, kept in memory only
-            self.scorer.use_reference_table(self._reference_table(cache=False))
+        if self._reference_moved:  # resumed after the reference moved: this run's own, kept in memory only
+            self._refresh_reference_table()
             return
         # Rank 0 computes (or reads) and writes the cache entry; the other ranks wait, then read it.
         table = self._reference_table() if self.trainer.is_global_zero else None
@@ -349,19 +367,8 @@ class PreferenceModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         total = self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, schedule, sft = self.hparams.warmup_steps, self.hparams.lr_schedule, self.hparams.sft_steps
-
-        def factor(step: int) -> float:
-            stage = step - sft if 0 < sft <= step else step  # the preference stage warms up again after SFT
-            if stage < warmup:
-                return (stage + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if schedule == "linear":
-                return 1.0 - progress
-            if schedule == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
+        factor = functools.partial(lr_factor, warmup=self.hparams.warmup_steps, total=total,
+                                   schedule=self.hparams.lr_schedule, restart=self.hparams.sft_steps)
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

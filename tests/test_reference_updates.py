@@ -1,0 +1,110 @@
+"""TR-DPO's moving reference (`model.reference_update`, prefopt/train/reference.py): the update rules by hand, a run's
+reference after its updates, the cached log-probs never read stale, resume across an update, the shipped files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+from torch import nn
+
+from prefopt.cli import main
+from prefopt.train.reference import ReferenceUpdate, mix_into, rescore_pays
+
+ROOT = Path(__file__).resolve().parents[1]
+EVERY_STEP = ("--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+              "init_args: {every_n_train_steps: 1, save_top_k: -1, dirpath: %s}}")
+
+
+def _fit(*args: str) -> tuple[object, dict]:
+    cli = main(["fit", *args])
+    return cli, json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+
+
+def _policy(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=False)["state_dict"]
+    return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+
+
+def test_one_soft_and_one_hard_update_by_hand():
+    """policy 1, reference 3: after a soft update with alpha 0.25 the reference is 0.25 * 1 + 0.75 * 3 = 2.5; after a
+    hard one, 1; the policy never changes."""
+    policy, reference = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.fill_(1.0)
+        for p in reference.parameters():
+            p.fill_(3.0)
+    mix_into(reference, policy, 0.25)
+    assert all(torch.equal(p, torch.full_like(p, 2.5)) for p in reference.parameters())
+    mix_into(reference, policy, 1.0)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in reference.parameters())
+    assert all(torch.equal(p, torch.ones_like(p)) for p in policy.parameters())
+
+
+def test_when_an_update_is_due():
+    every2 = ReferenceUpdate(every=2)
+    assert [every2.due(s) for s in range(6)] == [False, False, True, False, True, False]
+    assert [every2.due(s, start=3) for s in (3, 4, 5, 7)] == [False, False, True, True]  # counted from the stage
+    assert not any(ReferenceUpdate().due(s) for s in range(6))
+    with pytest.raises(ValueError, match="alpha in"):
+        ReferenceUpdate(every=2, alpha=0.0)
+    with pytest.raises(ValueError, match="every must be >= 0"):
+        ReferenceUpdate(every=-1)
+    assert rescore_pays(5, 4, 20) and not rescore_pays(4, 4, 20)  # a rescoring costs 20 / 4 = 5 steps' live reads
+
+
+def test_a_run_soft_updates_its_reference_every_tau_steps(micro_base, tmp_path):
+    """every 2, alpha 0.5, 4 steps: one update, before step 3: the final reference is 0.5 pi_2 + 0.5 pi_0."""
+    cli, _ = _fit("--model.reference_update={every: 2, alpha: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
+    at2 = _policy(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
+    start = cli.model._load_reference().state_dict()
+    reference = dict(cli.model.reference.named_parameters())
+    for name, value in reference.items():
+        torch.testing.assert_close(value, 0.5 * at2[name] + 0.5 * start[name], rtol=0, atol=1e-7)
+    assert "reference_state_dict" in torch.load(next((tmp_path / "ckpts").glob("*step=3.ckpt")), weights_only=False)
+    assert "reference_state_dict" not in torch.load(next((tmp_path / "ckpts").glob("*step=2.ckpt")), weights_only=False)
+
+
+@pytest.mark.parametrize("update, steps", [
+    ("{every: 2, alpha: 0.5}", 4),  # updates closer than a rescoring pays for: the reference is read live
+    ("{every: 5, alpha: 1.0}", 8),  # 5 steps x 4 pairs >= 18 pairs: the moved reference's table is rescored
+])
+def test_a_moved_reference_gives_the_same_run_with_the_reference_cache_as_without(update, steps, micro_base):
+    """The cached table of the starting reference is never read once the reference moved."""
+    args = (f"--model.reference_update={update}", f"--trainer.max_steps={steps}")
+    cached, with_cache = _fit(*args, "--model.scoring.reference_cache=true")
+    assert cached.model.scorer.live_reference == (steps == 4)  # which path the run ended on
+    _, without = _fit(*args, "--model.scoring.reference_cache=false")
+    for key, value in without["final"].items():
+        assert with_cache["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_run_resumed_after_an_update_ends_like_an_uninterrupted_one(micro_base, tmp_path):
+    update = "--model.reference_update={every: 2, alpha: 0.5}"
+    _, full = _fit(update, EVERY_STEP % (tmp_path / "ckpts"))
+    _, resumed = _fit(update, f"--ckpt_path={next((tmp_path / 'ckpts').glob('*step=3.ckpt'))}")
+    for key, value in full["final"].items():
+        assert resumed["final"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def test_a_moving_reference_refuses_lora():
+    from prefopt.train.lora import LoraOptions
+    from prefopt.train.module import PreferenceModule
+
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        PreferenceModule(reference_update=ReferenceUpdate(every=2), lora=LoraOptions(r=4))
+
+
+@pytest.mark.parametrize("name", ["tr_dpo", "tr_dpo_hard"])
+def test_the_shipped_tr_dpo_files_fit_on_the_built_in_task(name, gold_reference_dir):
+    """configs/base.yaml and the experiment file, shrunk: 6 steps, and tau shrunk to 2 so that updates happen."""
+    path = ROOT / "experiments" / "online" / f"{name}.yaml"
+    cli, metrics = _fit(f"--config={ROOT / 'configs' / 'base.yaml'}", f"--config={path}", "--trainer.max_steps=6",
+                        "--trainer.val_check_interval=6", "--model.reference_update.every=2")
+    assert cli.model._reference_moved and cli.model._moved_at == 4
+    assert cli.model.reference_update.alpha == (0.6 if name == "tr_dpo" else 1.0)
+    assert metrics["final"]["val/gold/sampled_kl"] > 0

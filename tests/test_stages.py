@@ -61,15 +61,6 @@ def test_a_run_resumed_after_the_reset_restores_its_reference_and_ends_like_an_u
         assert resumed["final"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
-def test_the_reset_reference_gives_the_same_run_with_the_reference_cache_as_without(micro_base):
-    """After the reset, the cached table is recomputed from the new reference (never the old one's)."""
-    args = ("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}")
-    _, with_cache = _fit(*args, "--model.scoring.reference_cache=true")
-    _, without = _fit(*args, "--model.scoring.reference_cache=false")
-    for key, value in without["final"].items():
-        assert with_cache["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-
-
 @pytest.mark.parametrize("args, message", [
     ({"lora": {"r": 4}}, "no model.lora"),
     ({"loss": "kto"}, "a paired loss"),

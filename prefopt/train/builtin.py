@@ -7,8 +7,10 @@ validation file) for a seed and the data's options for that source (`data.gold` 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 BUILTIN = "gold"  # the built-in task (prefopt/gold/): its reference policy and its preference pairs
 WEAK = "gold_weak"  # the built-in task's weak start: its reference's SFT stopped early (scenario S8)
@@ -20,3 +22,32 @@ def source(table: dict[str, str], name: str) -> Callable:
     """The function that makes the built-in model or dataset `name` (a key of MODELS or DATASETS)."""
     module, _, function = table[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+@dataclass
+class GoldData:
+    """Pair sampling for the built-in task (used when `dataset: gold`)."""
+
+    pairs_per_prompt: int = 500  # training pairs per training prompt (8 prompts)
+    val_pairs_per_prompt: int = 64  # held-out pairs per training prompt, for the pair metrics
+    label_temperature: float = 1.0  # Bradley-Terry temperature T of the labels; 0 = deterministic labels
+    extra_responses: int = 0  # further reference responses per pair with their gold rewards (TPO, InfoNCA with K)
+    extra_best_of: int = 1  # each further response is the best (by gold reward) of this many reference samples
+    # Scenario knobs (prefopt/gold/pairs.py, `Labeler`; docs/gold_task.md, 'Scenario knobs'), off by default:
+    label_flip: float = 0.0  # each label flipped with this probability (noisy labels)
+    length_bias: float = 0.0  # with this probability the labeler prefers the longer response, whatever the reward
+    rejected_edits: int = 0  # > 0: the second response is the first with this many words replaced (near duplicates)
+    excluded_words: list[str] = dataclasses.field(default_factory=list)  # never in the data (narrowed coverage)
+
+
+@dataclass(frozen=True)
+class OnlinePairs:
+    """Pairs from the current policy, a round per training epoch (module docstring)."""
+
+    pairs_per_round: int = 512  # about this many (rounded up to a multiple of the 8 training prompts)
+    max_new_tokens: int = 16  # the sampling cap, as the evaluation's
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_round < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"data.online: pairs_per_round and max_new_tokens must be >= 1, got {self.pairs_per_round}"
+                             f" and {self.max_new_tokens}")

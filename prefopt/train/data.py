@@ -24,11 +24,9 @@ unpaired source data the validation pairs are its held-out rows regrouped: per p
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 import logging
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,34 +40,12 @@ from prefopt.train.batching import (
     EpochSeededSampler, LengthGroupedSampler, ResumableDataLoader, collate_rows, with_extras, with_index,
 )
 from prefopt.train.formats import DataError
-from prefopt.train.builtin import BUILTIN, DATASETS, source
+from prefopt.train.builtin import BUILTIN, DATASETS, GoldData, OnlinePairs, source
 from prefopt.train.models import load_tokenizer
-from prefopt.train.rows import Unpairing, unpaired_rows
+from prefopt.train.rows import Unpairing, prompt_coin, unpaired_rows
 from prefopt.train.sources import load_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GoldData:
-    """Pair sampling for the built-in task (used when `dataset: gold`)."""
-
-    pairs_per_prompt: int = 500  # training pairs per training prompt (8 prompts)
-    val_pairs_per_prompt: int = 64  # held-out pairs per training prompt, for the pair metrics
-    label_temperature: float = 1.0  # Bradley-Terry temperature T of the labels; 0 = deterministic labels
-    extra_responses: int = 0  # further reference responses per pair with their gold rewards (TPO, InfoNCA with K)
-    extra_best_of: int = 1  # each further response is the best (by gold reward) of this many reference samples
-    # Scenario knobs (prefopt/gold/pairs.py, `Labeler`; docs/gold_task.md, 'Scenario knobs'), off by default:
-    label_flip: float = 0.0  # each label flipped with this probability (noisy labels)
-    length_bias: float = 0.0  # with this probability the labeler prefers the longer response, whatever the reward
-    rejected_edits: int = 0  # > 0: the second response is the first with this many words replaced (near duplicates)
-    excluded_words: list[str] = dataclasses.field(default_factory=list)  # never in the data (narrowed coverage)
-
-
-def _prompt_coin(prompt_ids: list[int], seed: int) -> float:
-    """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
-    digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -102,6 +78,7 @@ class PreferenceDataModule(L.LightningDataModule):
         extras: bool = False,
         seed: int = 0,
         gold: GoldData | None = None,
+        online: OnlinePairs | None = None,
     ) -> None:
         """
         Args:
@@ -150,6 +127,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 reads them (TPO's gold response, InfoNCA with K responses).
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
+            online: on the built-in task, train each epoch (a round) on pairs sampled from the policy as it is at the
+                round's start (`prefopt.train.online`; needs trainer.reload_dataloaders_every_n_epochs: 1).
         """
         super().__init__()
         if max_length < 2:
@@ -160,7 +139,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if unknown:
             raise DataError(f"data.columns: unknown field(s) {sorted(unknown)}; fields: {', '.join(formats.FIELDS)}")
         self.save_hyperparameters()
-        self.gold, self.unpairing = gold or GoldData(), unpairing  # the objects: hparams hold them as dicts
+        self.gold, self.unpairing, self.online = gold or GoldData(), unpairing, online  # hparams hold dicts
+        self.rounds, self._resumed_round = None, None  # on-policy rounds (`online`): their state, one restored
         self.tokenizer = None
         self.train_examples: list[dict[str, Any]] = []  # pairs: prompt_ids, chosen_ids, rejected_ids
         self.val_examples: list[dict[str, Any]] = []
@@ -215,7 +195,7 @@ class PreferenceDataModule(L.LightningDataModule):
         encode = dict(tokenizer=self.tokenizer, marker=hp.assistant_marker, num_proc=hp.num_proc)
         train = self._check_errors(encoding.encode(train, layout, source=train_name, **encode), train_name)
         if val is None and not layout.paired:  # hold out whole prompts, so that validation pairs can be regrouped
-            coins = [_prompt_coin(p, hp.seed) for p in train["prompt_ids"]]
+            coins = [prompt_coin(p, hp.seed) for p in train["prompt_ids"]]
             threshold = max(hp.val_fraction, min(coins))  # at least one prompt, however small the data
             held = [c <= threshold for c in coins]
             val = train.select([i for i, h in enumerate(held) if h])
@@ -358,6 +338,17 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.hparams.dataset == BUILTIN
 
     @property
+    def pairs_change(self) -> bool:
+        """The training pairs change during the run (`online`): no table keyed by their position stays valid."""
+        return self.online is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.rounds is None else {"online": self.rounds.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_round = state.get("online")
+
+    @property
     def shares_prompts(self) -> bool:
         """Training batches are prompt-shared: paired training with `share_prompt` (unpaired rows never are)."""
         return bool(self.hparams.share_prompt and not self.hparams.unpaired)
@@ -374,6 +365,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        if self.online is not None:  # a round: pairs from the policy as it is now
+            from prefopt.train.online import next_round
+
+            self.train_examples = next_round(self)
         if hp.unpaired:
             data, collate, rows = self.unpaired_rows(), self.collate_unpaired, 2 * hp.batch_size
         else:
@@ -387,7 +382,8 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler = EpochSeededSampler(len(data), hp.seed, rank, world)
         if trainer is not None:  # resuming mid-epoch: skip the batches this epoch already trained on
             sampler.epoch = self.trainer.current_epoch
-            sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * rows
+            loop = self.trainer.fit_loop.epoch_loop  # (a reload at a new epoch sees the last epoch's count: no skip)
+            sampler.skip = loop.batch_progress.current.processed * rows if loop.restarting else 0
         return ResumableDataLoader(data, batch_size=rows, sampler=sampler, collate_fn=collate,
                           num_workers=hp.num_workers, drop_last=hp.unpaired)
 

@@ -181,7 +181,7 @@ class PreferenceModule(L.LightningModule):
     def _refresh_reference_table(self) -> None:
         """After the reference moved: the training pairs' reference log-probs rescored in memory (never cached on
         disk: this run's own reference) when the reference stays put long enough to pay for it, else read live."""
-        if not self.scorer.caches_reference:
+        if not self._caches_reference:
             return
         until = self.reference_update.every or max(1, self._total_steps - self.global_step)
         datamodule = self.trainer.datamodule
@@ -245,7 +245,7 @@ class PreferenceModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.scorer.use_reference_table(None)
-        if not self.scorer.caches_reference:
+        if not self._caches_reference:
             return
         if self._reference_moved:  # resumed after the reference moved: this run's own, kept in memory only
             self._refresh_reference_table()
@@ -254,6 +254,12 @@ class PreferenceModule(L.LightningModule):
         table = self._reference_table() if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("reference_cache")
         self.scorer.use_reference_table(self._reference_table() if table is None else table)
+
+    @property
+    def _caches_reference(self) -> bool:
+        """The training pairs' reference log-probs are read from a table: not when the pairs change every round
+        (`data.online`), whose positions the table is keyed by."""
+        return self.scorer.caches_reference and not getattr(self.trainer.datamodule, "pairs_change", False)
 
     def _reference_table(self, cache: bool = True) -> dict[str, Tensor]:
         """The training pairs' reference log-probs, in the run's precision context (autocast under *-mixed), one
@@ -338,6 +344,9 @@ class PreferenceModule(L.LightningModule):
         count of batches before this one (one less, inside a training step): a logged `step` is the x-axis."""
         if self._trainer is not None and not self.trainer.sanity_checking:
             self.log("step", float(self.global_step), on_step=False, on_epoch=True)
+            rounds = getattr(self.trainer.datamodule, "rounds", None)
+            for name in ("round", "labels_used", "samples_drawn") if rounds is not None else ():  # the label budget
+                self.log(f"val/online/{name}", float(getattr(rounds, name)), on_step=False, on_epoch=True)
 
     def on_validation_end(self) -> None:
         """Drop that `step` once every callback has seen it (module hooks run after callbacks'): left in

@@ -9,6 +9,7 @@ a seeded coin, so no desirable row has its pair's undesirable row beside it). Ex
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -49,3 +50,9 @@ def unpaired_rows(examples: list[dict[str, Any]], unpairing: Unpairing | None, s
         index = [i for i, r in enumerate(rows) if r["desirable"] == label]
         kept += rng.sample(index, round(fraction * len(index))) if fraction < 1 else index
     return [rows[i] for i in sorted(kept)]
+
+
+def prompt_coin(prompt_ids: list[int], seed: int) -> float:
+    """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
+    digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

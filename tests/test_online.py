@@ -3,27 +3,24 @@ round drawn from the policy as it was when the round began, resume mid-round, ev
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+from run_helpers import EVERY_STEP, fit
 
 from prefopt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE, ONLINE = ROOT / "configs" / "base.yaml", ROOT / "experiments" / "online" / "online_dpo.yaml"
-EVERY_STEP = ("--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
-              "init_args: {every_n_train_steps: 1, save_top_k: -1, dirpath: %s}}")
 # The shipped files shrunk: 6 steps of 32 pairs, rounds of 64 pairs (2 steps each), one validation at the end.
 SHRUNK = ("--trainer.max_steps=6", "--trainer.val_check_interval=6", "--data.online.pairs_per_round=64")
 
 
 def _fit(*args: str) -> tuple[object, dict]:
-    cli = main(["fit", f"--config={BASE}", f"--config={ONLINE}", *args])
-    return cli, json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    return fit(f"--config={BASE}", f"--config={ONLINE}", *args)
 
 
 @pytest.mark.parametrize("flip", [0.0, 0.3])

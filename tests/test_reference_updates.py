@@ -3,32 +3,17 @@ reference after its updates, the cached log-probs never read stale, resume acros
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
+from run_helpers import EVERY_STEP, fit, policy_weights
 from torch import nn
 
-from prefopt.cli import main
 from prefopt.train.reference import ReferenceUpdate, mix_into, rescore_pays
 
 ROOT = Path(__file__).resolve().parents[1]
-EVERY_STEP = ("--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
-              "init_args: {every_n_train_steps: 1, save_top_k: -1, dirpath: %s}}")
-
-
-def _fit(*args: str) -> tuple[object, dict]:
-    cli = main(["fit", *args])
-    return cli, json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
-
-
-def _policy(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=False)["state_dict"]
-    return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-
-
 def test_one_soft_and_one_hard_update_by_hand():
     """policy 1, reference 3: after a soft update with alpha 0.25 the reference is 0.25 * 1 + 0.75 * 3 = 2.5; after a
     hard one, 1; the policy never changes."""
@@ -59,8 +44,8 @@ def test_when_an_update_is_due():
 
 def test_a_run_soft_updates_its_reference_every_tau_steps(micro_base, tmp_path):
     """every 2, alpha 0.5, 4 steps: one update, before step 3: the final reference is 0.5 pi_2 + 0.5 pi_0."""
-    cli, _ = _fit("--model.reference_update={every: 2, alpha: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
-    at2 = _policy(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
+    cli, _ = fit("--model.reference_update={every: 2, alpha: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
+    at2 = policy_weights(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
     start = cli.model._load_reference().state_dict()
     reference = dict(cli.model.reference.named_parameters())
     for name, value in reference.items():
@@ -76,17 +61,17 @@ def test_a_run_soft_updates_its_reference_every_tau_steps(micro_base, tmp_path):
 def test_a_moved_reference_gives_the_same_run_with_the_reference_cache_as_without(update, steps, micro_base):
     """The cached table of the starting reference is never read once the reference moved."""
     args = (f"--model.reference_update={update}", f"--trainer.max_steps={steps}")
-    cached, with_cache = _fit(*args, "--model.scoring.reference_cache=true")
+    cached, with_cache = fit(*args, "--model.scoring.reference_cache=true")
     assert cached.model.scorer.live_reference == (steps == 4)  # which path the run ended on
-    _, without = _fit(*args, "--model.scoring.reference_cache=false")
+    _, without = fit(*args, "--model.scoring.reference_cache=false")
     for key, value in without["final"].items():
         assert with_cache["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_a_run_resumed_after_an_update_ends_like_an_uninterrupted_one(micro_base, tmp_path):
     update = "--model.reference_update={every: 2, alpha: 0.5}"
-    _, full = _fit(update, EVERY_STEP % (tmp_path / "ckpts"))
-    _, resumed = _fit(update, f"--ckpt_path={next((tmp_path / 'ckpts').glob('*step=3.ckpt'))}")
+    _, full = fit(update, EVERY_STEP % (tmp_path / "ckpts"))
+    _, resumed = fit(update, f"--ckpt_path={next((tmp_path / 'ckpts').glob('*step=3.ckpt'))}")
     for key, value in full["final"].items():
         assert resumed["final"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
@@ -103,7 +88,7 @@ def test_a_moving_reference_refuses_lora():
 def test_the_shipped_tr_dpo_files_fit_on_the_built_in_task(name, gold_reference_dir):
     """configs/base.yaml and the experiment file, shrunk: 6 steps, and tau shrunk to 2 so that updates happen."""
     path = ROOT / "experiments" / "online" / f"{name}.yaml"
-    cli, metrics = _fit(f"--config={ROOT / 'configs' / 'base.yaml'}", f"--config={path}", "--trainer.max_steps=6",
+    cli, metrics = fit(f"--config={ROOT / 'configs' / 'base.yaml'}", f"--config={path}", "--trainer.max_steps=6",
                         "--trainer.val_check_interval=6", "--model.reference_update.every=2")
     assert cli.model._reference_moved and cli.model._moved_at == 4
     assert cli.model.reference_update.alpha == (0.6 if name == "tr_dpo" else 1.0)

@@ -10,35 +10,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
-
-from prefopt.cli import main
-
-EVERY_STEP = ("--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
-              "init_args: {every_n_train_steps: 1, save_top_k: -1, dirpath: %s}}")
-
-
-def _fit(*args: str) -> tuple[object, dict]:
-    cli = main(["fit", *args])
-    return cli, json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
-
-
-def _policy(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=False)["state_dict"]
-    return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+from run_helpers import EVERY_STEP, fit, policy_weights
 
 
 def test_the_sft_stage_is_the_sft_loss_and_the_reference_is_then_the_policy_at_that_step(micro_base, tmp_path):
     """4 steps with sft_steps 4 train exactly as the `sft` loss does; with sft_steps 2 the reference after the run holds
     the policy's weights at step 2 (the checkpoint of that step), and the remaining steps train DPO from there."""
-    sft, _ = _fit("--model.loss={name: sft}")
-    staged, _ = _fit("--model.sft_steps=4", "--model.loss={name: dpo, beta: 0.5}")
+    sft, _ = fit("--model.loss={name: sft}")
+    staged, _ = fit("--model.sft_steps=4", "--model.loss={name: dpo, beta: 0.5}")
     for name, value in sft.model.policy.state_dict().items():
         torch.testing.assert_close(staged.model.policy.state_dict()[name], value, rtol=0, atol=0)
 
     # a warmup longer than the SFT stage (the micro config has none), to see the preference stage warm up again
-    cli, _ = _fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"),
+    cli, _ = fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"),
                   "--model.warmup_steps=3")
-    at2 = _policy(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
+    at2 = policy_weights(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
     reference = cli.model.reference.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in at2.items())
     assert not all(torch.equal(cli.model.policy.state_dict()[k], v) for k, v in at2.items()), "DPO trained after"
@@ -52,11 +38,11 @@ def test_the_sft_stage_is_the_sft_loss_and_the_reference_is_then_the_policy_at_t
 
 def test_a_run_resumed_after_the_reset_restores_its_reference_and_ends_like_an_uninterrupted_one(micro_base, tmp_path):
     """The reset reference cannot be reloaded from its source: the checkpoint carries it."""
-    _, full = _fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
+    _, full = fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
     step3 = next((tmp_path / "ckpts").glob("*step=3.ckpt"))
     assert "reference_state_dict" in torch.load(step3, weights_only=False)
     assert "reference_state_dict" not in torch.load(next((tmp_path / "ckpts").glob("*step=1.ckpt")), weights_only=False)
-    _, resumed = _fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", f"--ckpt_path={step3}")
+    _, resumed = fit("--model.sft_steps=2", "--model.loss={name: dpo, beta: 0.5}", f"--ckpt_path={step3}")
     for key, value in full["final"].items():
         assert resumed["final"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 

@@ -46,7 +46,9 @@ def test_a_run_soft_updates_its_reference_every_tau_steps(micro_base, tmp_path):
     """every 2, alpha 0.5, 4 steps: one update, before step 3: the final reference is 0.5 pi_2 + 0.5 pi_0."""
     cli, _ = fit("--model.reference_update={every: 2, alpha: 0.5}", EVERY_STEP % (tmp_path / "ckpts"))
     at2 = policy_weights(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
-    start = cli.model._load_reference().state_dict()
+    from prefopt.train.models import load_causal_lm
+
+    start = load_causal_lm(cli.model.hparams.model).state_dict()  # pi_0, from the model's source
     reference = dict(cli.model.reference.named_parameters())
     for name, value in reference.items():
         torch.testing.assert_close(value, 0.5 * at2[name] + 0.5 * start[name], rtol=0, atol=1e-7)

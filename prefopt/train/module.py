@@ -135,7 +135,7 @@ class PreferenceModule(L.LightningModule):
             enable_gradient_checkpointing(policy)
         if self.lora is None:
             self.policy = policy.train()
-            self._reference = [self._load_reference(kwargs)]
+            self._reference = [freeze(load_causal_lm(self.hparams.model, **kwargs))]
         else:  # the reference is a view of the policy (adapters disabled, or a frozen starting adapter)
             self.policy, reference = attach_lora(policy, self.lora)
             self.policy.train()
@@ -144,19 +144,14 @@ class PreferenceModule(L.LightningModule):
         if self._pending_reference is not None:  # loaded from a checkpoint before the models were
             self.reset_reference(self._pending_reference)
 
-    def _load_reference(self, kwargs: dict | None = None) -> PreTrainedModel:
-        """A frozen copy of the starting model, from its source."""
-        kwargs = kwargs or {"dtype": self.hparams.dtype, "attn_implementation": self.scorer.options.attn_implementation}
-        return freeze(load_causal_lm(self.hparams.model, **kwargs))
-
     def reset_reference(self, state_dict: dict[str, Tensor] | None = None) -> None:
-        """The reference becomes a frozen copy of the policy as it is now (or of `state_dict`), with the scorer's
-        levers applied. The cached table of the training pairs' reference log-probs is dropped: the caller
+        """The frozen reference takes the policy's weights as they are now (or `state_dict`'s), in place: it keeps its
+        scorer levers and device. The cached table of the training pairs' reference log-probs is dropped: the caller
         recomputes it (`on_train_batch_start`, `on_fit_start`), so the old reference's table is never read again."""
-        reference = self._load_reference()
-        reference.load_state_dict(self.policy.state_dict() if state_dict is None else state_dict)
-        self._reference = [reference.to(self.device)]
-        self.scorer.prepare_model(reference)
+        if state_dict is None:
+            mix_into(self.reference, self.policy, 1.0)
+        else:
+            self.reference.load_state_dict(state_dict)
         self.scorer.use_reference_table(None)
         self._reference_moved = True
 

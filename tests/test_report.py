@@ -359,8 +359,13 @@ def test_a_calibrating_grid_is_compared_at_its_targets_without_interpolation():
 
 
 def test_targets_only_for_runs_from_the_tasks_reference():
-    """A target is a tilt of the base: a weak start or a reference reset after SFT has none."""
+    """A target is a tilt of the base: a weak start, a reference reset after SFT or updated during the run, or pairs
+    drawn from the moving policy have none."""
     assert report._from_task_reference(pd.DataFrame({"model.model": ["gold", float("nan")]}))
     assert report._from_task_reference(pd.DataFrame({"x": [1]}))
     assert not report._from_task_reference(pd.DataFrame({"model.model": ["gold_weak"]}))
     assert not report._from_task_reference(pd.DataFrame({"model.model": ["gold"], "model.sft_steps": [100]}))
+    assert report._from_task_reference(pd.DataFrame({"model.sft_steps": [0], "model.reference_update.every": [0],
+                                                     "model.reference_update.alpha": [0.6], "data.online": [None]}))
+    assert not report._from_task_reference(pd.DataFrame({"model.reference_update.every": [50]}))  # TR-DPO
+    assert not report._from_task_reference(pd.DataFrame({"data.online.pairs_per_round": [512]}))  # on-policy pairs

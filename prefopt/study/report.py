@@ -101,11 +101,18 @@ def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+# Settings that move the reference during a run, or draw the pairs from the moving policy (a column per key a grid
+# assigned, dotted): with any of them on, the population optimum is no tilt of the base.
+MOVING = ("model.sft_steps", "model.reference_update", "data.online")
+
+
 def _from_task_reference(runs: pd.DataFrame) -> bool:
-    """Whether these runs' reference is the task's own throughout (not a weak start, not reset after an SFT stage)."""
+    """Whether these runs' reference is the task's own throughout (not a weak start, not reset after an SFT stage nor
+    updated as TR-DPO's) and their pairs the task's reference samples (not on-policy rounds)."""
     model = runs["model.model"] if "model.model" in runs else pd.Series(["gold"] * len(runs))
-    sft = runs["model.sft_steps"] if "model.sft_steps" in runs else pd.Series([0] * len(runs))
-    return bool(model.fillna("gold").eq("gold").all() and sft.fillna(0).eq(0).all())
+    moving = [c for c in runs.columns if c.startswith(MOVING) and not c.endswith(".alpha")]  # alpha alone moves nothing
+    off = lambda v: not _given(v) or v in (0, "0", "null", "None", False)  # noqa: E731
+    return bool(model.fillna("gold").eq("gold").all() and all(runs[c].map(off).all() for c in moving))
 
 
 def _given(value: object) -> bool:

@@ -61,6 +61,10 @@ def _reads_extras(loss: LossConfig) -> bool:
     return bool(loss.reads & (EXTRA | {"extra_scores"}))
 
 
+def _reads_labels(loss: LossConfig) -> bool:
+    return loss.reads_labels
+
+
 def _short(source: str) -> str:
     """A model's or dataset's name as a run-name part: the last part of a path or hub name, without suffix."""
     stem = Path(str(source).rstrip("/")).name
@@ -133,6 +137,7 @@ class PrefoptCLI(LightningCLI):
         parser.link_arguments("model.loss", "data.unpaired", compute_fn=_unpaired)
         parser.link_arguments("model.loss", "data.scores", compute_fn=_reads_scores)  # ODPO, ties, ...: the data's scores
         parser.link_arguments("model.loss", "data.extras", compute_fn=_reads_extras)  # TPO, InfoNCA-K: more responses
+        parser.link_arguments("model.loss", "data.labels", compute_fn=_reads_labels)  # RLOO reads rewards only
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("model.scoring.share_prompt", "data.share_prompt")  # the scorer owns the layout
 
@@ -157,6 +162,9 @@ class PrefoptCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
             check_config(config.model.scoring, config.model.loss)
+            if config.model.loss.on_policy and not config.data.get("online"):
+                raise ValueError(f"loss {config.model.loss.name!r} trains on samples of the policy being trained: set "
+                                 "data.online (experiments/online/rloo_gold.yaml)")
         except ValueError as err:
             from argparse import ArgumentError
 

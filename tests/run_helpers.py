@@ -23,3 +23,8 @@ def policy_weights(path: Path) -> dict[str, torch.Tensor]:
     """The policy's weights in a checkpoint, by the policy's own parameter names."""
     state = torch.load(path, weights_only=False)["state_dict"]
     return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+
+
+def longer_wins(prompts: list[str], responses: list[str]) -> list[float]:
+    """A user reward function (`data.online.reward: run_helpers:longer_wins`): the response's word count."""
+    return [float(len(r.split())) for r in responses]

@@ -343,7 +343,8 @@ def test_round_trip_and_metadata() -> None:
         assert LossConfig.from_value(config.to_dict()) == config
         spec = config.spec
         assert spec.paper and spec.formula and spec.aggregation and spec.reward and spec.summary, name
-        assert bool(spec.options) == (spec.paired and name != "composite"), name
+        # The pair options (LD-DPO, WPO) reweight a pair's log-probs; RLOO reads a group of K sampled responses.
+        assert bool(spec.options) == (spec.paired and name != "composite" and not spec.on_policy), name
     assert LossConfig.from_value("{name: ipo, beta: 0.5}") == LossConfig("ipo", beta=0.5)
     assert LossConfig.from_value("sft").reward_scale == 1.0
     assert LossConfig("simpo").needs_reference is False and LossConfig("kto").paired is False

@@ -88,3 +88,25 @@ def test_online_pairs_refuse_what_they_cannot_do(micro_base, gold_reference_dir,
     with pytest.raises(SystemExit):
         main(["fit", f"--config={BASE}", "--data.online={pairs_per_round: 8}", "--trainer.max_steps=2"])
     assert "set trainer.reload_dataloaders_every_n_epochs: 1" in capsys.readouterr().err
+
+
+def test_a_round_trains_epochs_per_round_epochs(gold_reference_dir):
+    """epochs_per_round 2: rounds of 64 pairs (2 steps an epoch) are drawn every other epoch, 4 steps each."""
+    cli, metrics = _fit(*SHRUNK, "--data.online.epochs_per_round=2", "--trainer.max_steps=8",
+                        "--trainer.val_check_interval=8")
+    assert metrics["final"]["val/online/round"] == 2 and cli.datamodule.rounds.epoch == 2
+    assert metrics["final"]["val/online/samples_drawn"] == 2 * 64 * 2
+
+
+def test_the_shipped_iterative_dpo_file_resets_the_reference_as_each_round_begins(gold_reference_dir, tmp_path):
+    """experiments/online/iterative_dpo.yaml shrunk to rounds of 64 pairs (2 steps), so the reset's period shrinks to
+    2 with them: the reference after the run is the policy of step 4, when round 3 was drawn."""
+    from run_helpers import EVERY_STEP, policy_weights
+
+    path = ROOT / "experiments" / "online" / "iterative_dpo.yaml"
+    cli, metrics = fit(f"--config={BASE}", f"--config={path}", *SHRUNK, "--model.reference_update.every=2",
+                       EVERY_STEP % (tmp_path / "ckpts"))
+    assert metrics["final"]["val/online/round"] == 3 and cli.model._moved_at == 4
+    step4 = policy_weights(next((tmp_path / "ckpts").glob("*step=4.ckpt")))
+    for name, weight in cli.model.reference.named_parameters():
+        torch.testing.assert_close(weight, step4[name], rtol=0, atol=0)

@@ -95,3 +95,42 @@ def test_the_shipped_tr_dpo_files_fit_on_the_built_in_task(name, gold_reference_
     assert cli.model._reference_moved and cli.model._moved_at == 4
     assert cli.model.reference_update.alpha == (0.6 if name == "tr_dpo" else 1.0)
     assert metrics["final"]["val/gold/sampled_kl"] > 0
+
+
+# ---------------------------------------------------------------- sDPO: the pairs in chunks, a stage per chunk
+def test_sdpo_stages_draw_each_stage_from_its_own_chunk():
+    """3 stages of 4 steps of 5 pairs over 26 pairs: the chunks partition the pairs; stage t draws from chunk t
+    only, every pair of its chunk before any twice; two ranks together take the single process's global batches."""
+    from prefopt.train.chunks import StagedSampler
+
+    one = StagedSampler(26, stages=3, steps=4, batch_size=5, seed=7)
+    chunks = one.chunks()
+    assert sorted(i for c in chunks for i in c) == list(range(26)) and [len(c) for c in chunks] == [9, 9, 8]
+    order = list(one)
+    assert len(order) == len(one) == 3 * 4 * 5
+    for t, chunk in enumerate(chunks):
+        stage = order[t * 20 : (t + 1) * 20]
+        assert set(stage) <= set(chunk) and len(set(stage[: len(chunk)])) == len(chunk)
+    ranks = [list(StagedSampler(26, 3, 4, 5, seed=7, rank=r, world_size=2)) for r in (0, 1)]
+    two = StagedSampler(26, 3, 4, 10, seed=7)  # the global batch of two ranks of 5
+    assert sorted(ranks[0][:5] + ranks[1][:5]) == sorted(list(two)[:10])
+
+
+def test_the_shipped_sdpo_file_resets_the_reference_at_its_second_stage(gold_reference_dir, tmp_path):
+    """configs/base.yaml and experiments/online/sdpo.yaml shrunk to 4 steps (so the stage length, reference_update's
+    every, shrinks to 2 with them): after the run the reference is the step-2 policy, and a stage length that does not
+    match max_steps / stages is refused."""
+    path = ROOT / "experiments" / "online" / "sdpo.yaml"
+    base = (f"--config={ROOT / 'configs' / 'base.yaml'}", f"--config={path}", "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4")
+    cli, _ = fit(*base, "--model.reference_update.every=2", EVERY_STEP % (tmp_path / "ckpts"))
+    step2 = policy_weights(next((tmp_path / "ckpts").glob("*step=2.ckpt")))
+    assert cli.model._moved_at == 2 and cli.datamodule.hparams.stages == 2
+    for name, weight in cli.model.reference.named_parameters():
+        torch.testing.assert_close(weight, step2[name], rtol=0, atol=0)
+    from prefopt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", *base])  # every: 150 for a 4-step run
+    with pytest.raises(SystemExit):
+        main(["fit", *base, "--model.reference_update.every=2", "--model.reference_update.alpha=0.5"])

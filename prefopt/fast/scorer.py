@@ -127,6 +127,7 @@ class Scorer:
         self.collision, self.samples, self.prompt = (bool(loss.reads & f) for f in (ALIGNED, SAMPLED, PROMPT))
         self.from_data = {f: key for f, key in FROM_DATA.items() if f in loss.reads}
         self.extras, self.ref_extras = bool(loss.reads & EXTRA), "ref_extra_logps" in loss.reads
+        self.on_policy = loss.on_policy  # its further responses and scores exist in training rounds only
         # The cache holds the reference's sums of the pairs: a loss reading its full distribution, or the further
         # responses' reference sums, needs a live forward anyway.
         self.caches_reference = (options.reference_cache and self.paired and self.with_reference
@@ -243,6 +244,8 @@ class Scorer:
         if self.distribution:
             record = _with_sequence_kl(record, ref.logprobs, mine.logprobs, mask)
         kl_sum, tokens = token_kl(policy_logits, ref_logits, mask)
+        if self.on_policy:  # fixed validation pairs: the shared metrics only, as the module computes no loss there
+            return record, kl_sum, tokens
         return self._with_data(self._with_extras(record, policy, reference, batch), batch), kl_sum, tokens
 
     def _with_data(self, record: PairLogps, batch: dict[str, Tensor]) -> PairLogps:

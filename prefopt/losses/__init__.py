@@ -6,8 +6,8 @@ The catalog, generated from the registry, is docs/losses.md (`python -m prefopt.
 
 # Importing the loss modules registers their losses.
 from prefopt.losses import (  # noqa: F401
-    adaptive, composite, margin_functions, paired, per_response, reference_free, reshaped, scored, token_level,
-    unpaired,
+    adaptive, composite, margin_functions, paired, per_response, reference_free, reshaped, rl, scored,
+    token_level, unpaired,
 )
 from prefopt.losses.registry import LOSSES, LossConfig, LossSpec, loss_names, register
 

@@ -66,6 +66,12 @@ class LossSpec:
     # The hyperparameter that sets how far the policy moves from the reference, and the sign of its effect on the KL
     # (-1: larger beta, smaller KL; +1: larger lam, larger KL): what a calibrating grid searches (prefopt.study.calibration).
     strength: tuple[str, int] | None = None
+    # Does it read the preference label (which response is chosen)? False: only the responses' scores (RLOO, InfoNCA),
+    # so on-policy data need not spend labels on it (`prefopt.train.online`).
+    labels: bool = True
+    # Is its gradient right only for responses sampled from the policy being trained (a policy gradient)? Such a loss
+    # trains on on-policy rounds only (`data.online`), never on a fixed set of pairs.
+    on_policy: bool = False
 
     @property
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
@@ -98,6 +104,8 @@ def register(
     reads: tuple[str, ...] = (),
     state: tuple[StateFactory, ...] = (),
     strength: tuple[str, int] | None | str = "auto",
+    labels: bool = True,
+    on_policy: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register `fn` under `name` (and each alias); the function itself is returned unchanged.
 
@@ -106,6 +114,8 @@ def register(
     `state`: factories of the running state it keeps (`prefopt.losses.state`); `strength`: (hyperparameter, +1 or -1),
     the knob that sets the KL to the reference and its sign; "auto" is ("beta", -1) for a loss with a reference and a
     beta (the KL falls as beta grows), else None (no single knob: a calibrating grid then names one, e.g. the steps).
+    `labels=False`: it reads the responses' scores, not which one is chosen; `on_policy=True`: it trains on responses
+    sampled from the policy being trained only (`LossSpec`).
     """
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -126,7 +136,7 @@ def register(
             raise TypeError(f"loss {name!r}: strength {knob!r} is not (one of its hyperparameters, +1 or -1)")
         spec = LossSpec(
             name, fn, paper, formula, needs_reference, paired, aggregation, reward,
-            own, reward_scale, aliases, extra, frozenset(reads), tuple(state), knob,
+            own, reward_scale, aliases, extra, frozenset(reads), tuple(state), knob, labels, on_policy,
         )
         for key in (name, *aliases):
             if key in LOSSES:
@@ -216,6 +226,16 @@ class LossConfig:
         if self.spec.options:
             fields |= option_reads(self.params, self.needs_reference)
         return fields
+
+    @property
+    def reads_labels(self) -> bool:
+        """Does it read which response of a pair is chosen (else only their scores)?"""
+        return self.spec.labels
+
+    @property
+    def on_policy(self) -> bool:
+        """Does it train on samples of the policy being trained only (a policy gradient)?"""
+        return self.spec.on_policy
 
     @property
     def state(self) -> tuple[StateFactory, ...]:

@@ -167,6 +167,7 @@ def dpo_davidson(lp: PairLogps, *, beta: Positive = 0.1, nu: Positive = 1.0, tie
     "against sigmoid(D / alpha)",
     needs_reference=True,
     reads=SCORES,
+    labels=False,
 )
 def infonca(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Tensor:
     """InfoNCA on a pair: the softmax of the implicit rewards beta r is fitted to the softmax of the scores s / alpha.
@@ -189,6 +190,7 @@ def infonca(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Te
     "further ones",
     needs_reference=True,
     reads=SCORES + ("policy_extra_logps", "ref_extra_logps", "extra_scores"),
+    labels=False,
 )
 def infonca_k(lp: PairLogps, *, beta: Positive = 0.1, alpha: Positive = 1.0) -> Tensor:
     """InfoNCA with K responses per prompt: the softmax of the implicit rewards beta r_i fitted to that of s_i / alpha.

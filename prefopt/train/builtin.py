@@ -41,13 +41,31 @@ class GoldData:
 
 
 @dataclass(frozen=True)
-class OnlinePairs:
-    """Pairs from the current policy, a round per training epoch (module docstring)."""
+class RewardModelOptions:
+    """How `data.online.reward: reward_model` trains its Bradley-Terry reward model (`prefopt.train.reward_model`)."""
 
-    pairs_per_round: int = 512  # about this many (rounded up to a multiple of the 8 training prompts)
-    max_new_tokens: int = 16  # the sampling cap, as the evaluation's
+    steps: int = 500  # optimizer steps (4,000 pairs, batch 32: 4 epochs)
+    batch_size: int = 32  # pairs per step
+    lr: float = 1.0e-3  # AdamW, constant after a linear warmup over 10% of the steps
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.pairs_per_round < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"data.online: pairs_per_round and max_new_tokens must be >= 1, got {self.pairs_per_round}"
-                             f" and {self.max_new_tokens}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"data.online.reward_model: steps and batch_size must be >= 1 and lr > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class OnlinePairs:
+    """Responses from the current policy, a round per training epoch (`prefopt.train.online`)."""
+
+    pairs_per_round: int = 512  # prompts drawn per round (rounded up to a multiple of the 8 training prompts)
+    max_new_tokens: int = 16  # the sampling cap, as the evaluation's
+    epochs_per_round: int = 1  # a round's examples train this many epochs (fewer labels for the same steps)
+    responses_per_prompt: int = 2  # K: the pair and K - 2 further responses (for a loss that reads them: RLOO)
+    reward: str = "gold"  # what scores them: gold, reward_model, a reward model's directory, or module:function
+    reward_model: RewardModelOptions = RewardModelOptions()  # with reward: reward_model
+
+    def __post_init__(self) -> None:
+        if min(self.pairs_per_round, self.max_new_tokens, self.epochs_per_round) < 1 or self.responses_per_prompt < 2:
+            raise ValueError(f"data.online: pairs_per_round, max_new_tokens and epochs_per_round must be >= 1 and "
+                             f"responses_per_prompt >= 2, got {self}")

@@ -41,8 +41,9 @@ from prefopt.train.batching import (
 )
 from prefopt.train.formats import DataError
 from prefopt.train.builtin import BUILTIN, DATASETS, GoldData, OnlinePairs, source
+from prefopt.train.chunks import staged_sampler
 from prefopt.train.models import load_tokenizer
-from prefopt.train.rows import Unpairing, prompt_coin, unpaired_rows
+from prefopt.train.rows import Unpairing, prompt_coin, regroup_pairs, unpaired_rows
 from prefopt.train.sources import load_rows
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,12 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         share_prompt: bool = False,
         group_by_length: int = 0,
+        stages: int = 1,
         unpaired: bool = False,
         unpairing: Unpairing | None = None,
         scores: bool = False,
         extras: bool = False,
+        labels: bool = True,
         seed: int = 0,
         gold: GoldData | None = None,
         online: OnlinePairs | None = None,
@@ -118,6 +121,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 batches and unpaired losses keep the two-row layout.
             group_by_length: 0: off; k >= 1: sort each window of k training batches by length and cut it into
                 batches again, then shuffle the batches (prefopt/train/batching.py): less padding, less varied batches.
+            stages: sDPO's data in chunks (`prefopt.train.chunks`): stage t of T trains on the t-th of T chunks of the
+                pairs, with the reference reset at its start (model.reference_update every max_steps / T, alpha 1).
             unpaired: train on unpaired (prompt, completion, label) rows (set by the CLI from the loss's metadata).
             unpairing: which rows pairs give an unpaired loss (imbalanced or unrelated; `prefopt.train.rows`).
             scores: read the responses' scores (fields chosen_score and rejected_score, mapped with `columns`; on the
@@ -125,14 +130,17 @@ class PreferenceDataModule(L.LightningDataModule):
             extras: read further responses per prompt (field extra, a list per row, the same count in every row; with
                 scores, extra_scores too; on the built-in task, `gold.extra_responses`); set by the CLI when the loss
                 reads them (TPO's gold response, InfoNCA with K responses).
+            labels: the loss reads which response is chosen (set by the CLI); False: only the scores, so on-policy
+                rounds (`online`) spend no labels on it.
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
-            online: on the built-in task, train each epoch (a round) on pairs sampled from the policy as it is at the
-                round's start (`prefopt.train.online`; needs trainer.reload_dataloaders_every_n_epochs: 1).
+            online: on the built-in task, train each epoch (a round) on responses sampled from the policy as it is at
+                the round's start (`prefopt.train.online`; needs trainer.reload_dataloaders_every_n_epochs: 1). The
+                offline pairs still give the validation pairs (and a learned reward model's training pairs).
         """
         super().__init__()
-        if max_length < 2:
-            raise DataError(f"data.max_length must be at least 2, got {max_length}")
+        if max_length < 2 or stages < 1:
+            raise DataError(f"data.max_length must be at least 2 and data.stages at least 1, got {max_length}, {stages}")
         if not 0 < val_fraction < 1:
             raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         unknown = set(columns or {}) - set(formats.FIELDS)
@@ -177,15 +185,15 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         self.tokenizer = self._load_tokenizer()
         train, val, train_name, val_name = self._sources()
-        columns = hp.columns or {}
+        columns, extras = hp.columns or {}, hp.extras and self.online is None  # online: the rounds give extras
         if hp.dataset in DATASETS:  # the built-in task's pair files hold the exact gold rewards
             columns = {"chosen_score": "chosen_reward", "rejected_score": "rejected_reward",
                        "extra_scores": "extra_rewards", **columns}
-            if hp.extras and not self.gold.extra_responses:
+            if extras and not self.gold.extra_responses:
                 raise DataError("this loss reads further responses per prompt: set data.gold.extra_responses (1 for "
                                 "TPO's gold response, K - 2 for InfoNCA with K responses)")
         layout = formats.detect_layout(train.features, columns, train_name, hp.format, rows=train, scores=hp.scores,
-                                       extras=hp.extras)
+                                       extras=extras)
         if layout.conversational and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{train_name} is conversational (lists of messages) but the tokenizer of "
                             f"{hp.tokenizer!r} has no chat template; set data.chat_template to one")
@@ -205,12 +213,12 @@ class PreferenceDataModule(L.LightningDataModule):
             train, val = split["train"], split["test"]
         else:
             val_layout = formats.detect_layout(val.features, columns, val_name, layout.structure, rows=val,
-                                               scores=hp.scores, extras=hp.extras)
+                                               scores=hp.scores, extras=extras)
             val = self._check_errors(encoding.encode(val, val_layout, source=val_name, **encode), val_name)
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
         self.layout = layout
-        if hp.extras:  # the further responses' count per pair: what most rows have (a row that differs is named)
+        if extras:  # the further responses' count per pair: what most rows have (a row that differs is named)
             self.extra_count = max(Counter(len(x) for x in train["extra_ids"] if x).items(), key=lambda kv: kv[1],
                                    default=(0, 0))[0]
         train_out, val_out = self._truncate(train, train_name, "train"), self._truncate(val, val_name, "val")
@@ -219,7 +227,7 @@ class PreferenceDataModule(L.LightningDataModule):
             for i, example in enumerate(self.train_examples):
                 example["index"] = i
         else:
-            self.train_rows, self.val_examples = train_out, self._regroup_pairs(val_out, val_name)
+            self.train_rows, self.val_examples = train_out, regroup_pairs(val_out, val_name)
         if not train_out:
             raise DataError(f"no usable training examples left in {train_name} (see the logged counts)")
         if not self.val_examples:
@@ -289,17 +297,6 @@ class PreferenceDataModule(L.LightningDataModule):
                             f"responses where most rows have {self.extra_count}; every row needs the same number")
         out = {"extra_ids": [ids[:room] for ids in ex["extra_ids"]]}
         return out | ({formats.EXTRA_SCORES: ex[formats.EXTRA_SCORES]} if formats.EXTRA_SCORES in ex else {})
-
-    @staticmethod
-    def _regroup_pairs(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-        """Validation pairs from unpaired rows: per prompt, the i-th desirable with the i-th undesirable row."""
-        groups: dict[tuple[int, ...], tuple[list, list]] = {}
-        for r in rows:
-            groups.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if r["desirable"] else 1].append(r["completion_ids"])
-        pairs = [{"prompt_ids": list(p), "chosen_ids": c, "rejected_ids": r}
-                 for p, (good, bad) in groups.items() for c, r in zip(good, bad) if c != r]
-        log.info("%s: %d validation pairs regrouped from %d unpaired rows", name, len(pairs), len(rows))
-        return pairs
 
     # ---------------------------------------------------------------- batching
     def collate_pairs(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -376,7 +373,9 @@ class PreferenceDataModule(L.LightningDataModule):
             data, rows = self.train_examples, hp.batch_size
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if hp.group_by_length:
+        if hp.stages > 1:
+            sampler = staged_sampler(self, len(data), rows, rank, world)
+        elif hp.group_by_length:
             sampler = LengthGroupedSampler(self.example_lengths(data), rows, hp.group_by_length, hp.seed, rank, world)
         else:
             sampler = EpochSeededSampler(len(data), hp.seed, rank, world)

@@ -121,6 +121,13 @@ class PreferenceModule(L.LightningModule):
         self.val_metrics = MeanMetrics(("loss", "kl_per_token", *PAIR_METRICS))
 
     # ---------------------------------------------------------------- models
+    def setup(self, stage: str) -> None:
+        """Refuse, before any model loads, an on-policy loss (RLOO) on data that are not the policy's samples."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if stage == "fit" and self.loss.on_policy and not getattr(datamodule, "pairs_change", False):
+            raise ValueError(f"loss {self.loss.name!r} trains on samples of the policy being trained: set data.online "
+                             "(experiments/online/rloo_gold.yaml)")
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
@@ -340,8 +347,8 @@ class PreferenceModule(L.LightningModule):
         if self._trainer is not None and not self.trainer.sanity_checking:
             self.log("step", float(self.global_step), on_step=False, on_epoch=True)
             rounds = getattr(self.trainer.datamodule, "rounds", None)
-            for name in ("round", "labels_used", "samples_drawn") if rounds is not None else ():  # the label budget
-                self.log(f"val/online/{name}", float(getattr(rounds, name)), on_step=False, on_epoch=True)
+            for name, value in rounds.counters().items() if rounds is not None else ():  # the budgets spent
+                self.log(f"val/online/{name}", value, on_step=False, on_epoch=True)
 
     def on_validation_end(self) -> None:
         """Drop that `step` once every callback has seen it (module hooks run after callbacks'): left in
@@ -358,7 +365,8 @@ class PreferenceModule(L.LightningModule):
         for state in self.loss_state:
             record = state.read(record)
         values = pair_metrics(record, self.loss.reward_scale)
-        if self.loss.paired:  # an unpaired loss's value needs the mismatched KL rows of its own batches
+        if self.loss.paired and not self.loss.on_policy:  # unpaired: needs its batches' mismatched KL rows;
+            # on-policy (RLOO): has a value on the policy's own samples only
             values["loss"] = self.loss(record).mean()
         batch_size = record.policy_chosen_logps.shape[0]
         self.val_metrics.update(values, weight=batch_size)

@@ -10,9 +10,12 @@ a seeded coin, so no desirable row has its pair's undesirable row beside it). Ex
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,3 +59,14 @@ def prompt_coin(prompt_ids: list[int], seed: int) -> float:
     """A seeded uniform draw in [0, 1) per prompt: holding out draws below a fraction keeps a prompt's rows together."""
     digest = hashlib.sha256(f"{seed}:{prompt_ids}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def regroup_pairs(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Validation pairs from unpaired rows: per prompt, the i-th desirable with the i-th undesirable row."""
+    groups: dict[tuple[int, ...], tuple[list, list]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if r["desirable"] else 1].append(r["completion_ids"])
+    pairs = [{"prompt_ids": list(p), "chosen_ids": c, "rejected_ids": r}
+             for p, (good, bad) in groups.items() for c, r in zip(good, bad) if c != r]
+    log.info("%s: %d validation pairs regrouped from %d unpaired rows", name, len(pairs), len(rows))
+    return pairs

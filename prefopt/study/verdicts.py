@@ -90,9 +90,12 @@ def markdown(folders: Sequence[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m prefopt.study.verdicts results/scenarios`: print every scenario's verdict table (Markdown)."""
+    """`python -m prefopt.study.verdicts results/scenarios`: print every scenario's verdict table (Markdown); given
+    one scenario's folder (results/online), its table."""
     root = Path((argv if argv is not None else sys.argv[1:] or ["results/scenarios"])[0])
-    sys.stdout.write(markdown(sorted(p for p in root.iterdir() if (p / SCENARIO_FILE).is_file())))
+    folders = [root] if (root / SCENARIO_FILE).is_file() else sorted(p for p in root.iterdir()
+                                                                     if (p / SCENARIO_FILE).is_file())
+    sys.stdout.write(markdown(folders))
     return 0
 
 

@@ -39,11 +39,16 @@ def base_config() -> list[str]:
     return [path] if path and Path(path).is_file() else []
 
 
-def run_name(loss: LossConfig, seed: int | None, dataset: str = BUILTIN, model: str = BUILTIN) -> str:
-    """A run name generated from the config: the data and model when they are not the built-in task's, the loss
-    name, its hyperparameters that differ from the defaults, and the seed (`mydata_dpo_beta0.5_seed0`)."""
+def run_name(loss: LossConfig, seed: int | None, dataset: str = BUILTIN, model: str = BUILTIN,
+             online: object = None) -> str:
+    """A run name generated from the config: the data and model when they are not the built-in task's, `online` and
+    the reward when not the gold one for on-policy rounds (`data.online`), the loss name, its hyperparameters that
+    differ from the defaults, and the seed (`mydata_dpo_beta0.5_seed0`, `online_reward_model_rloo_seed0`)."""
     defaults = loss.spec.defaults()
     source = [_short(s) for s in (dataset, model) if s != BUILTIN]
+    if online is not None:
+        reward = getattr(online, "reward", None) or (online.get("reward") if isinstance(online, dict) else None)
+        source += ["online"] + ([_short(reward.replace(":", "."))] if reward not in (None, "gold") else [])
     params = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
               for k, v in loss.params.items() if v != defaults.get(k) and not isinstance(v, list)]
     return "_".join(source + [loss.name] + params + [f"seed{seed}"])
@@ -174,7 +179,7 @@ class PrefoptCLI(LightningCLI):
             args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if args.get("name") in (None, "auto"):
                 args["name"] = run_name(config.model.loss, config.seed_everything, config.data.dataset,
-                                        config.model.model)
+                                        config.model.model, config.data.get("online"))
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # Lightning refuses a progress-bar callback beside enable_progress_bar=false: the flag wins here.
             config.trainer.callbacks = [c for c in config.trainer.callbacks if not _is_progress_bar(c)]

@@ -81,3 +81,33 @@ def test_no_target_where_none_exists(name, params, data):
 def test_a_knob_at_its_default_is_no_knob():
     assert targets.target("dpo", {"beta": 0.5}, {"rejected_edits": 0, "excluded_words": "[]", "label_flip": 0.0}) == (
         *frontier_point(0.5), "closed form")
+
+
+@pytest.mark.parametrize("setting, loss, b", [
+    ({"data.online": '{"pairs_per_round": 32, "responses_per_prompt": 4, "reward": "gold"}'}, "rloo", 0.3),
+    ({"data.online": '{"pairs_per_round": 512}'}, "dpo", 0.3),  # on-policy pairs: DPO's optimum does not move
+    ({"data.online": '{"pairs_per_round": 1024}', "model.reference_update": '{"every": 32, "alpha": 1.0}'}, "dpo",
+     0.3 / 10),  # ceil(300 / 32) = 10 rounds
+    ({"model.reference_update": '{"every": 150, "alpha": 1.0}', "data.stages": 2}, "dpo", 0.3 / 2),  # sDPO
+    ({"model.reference_update": '{"every": 50, "alpha": 0.6}'}, "dpo", None),  # a soft update: none
+    ({"data.online": '{"pairs_per_round": 32, "responses_per_prompt": 4, "reward": "reward_model"}'}, "rloo", None),
+    ({"data.online": '{"pairs_per_round": 512}'}, "ipo", None),  # IPO's optimum depends on the sampler
+    ({"data.online": '{"pairs_per_round": 512}', "data.gold.label_flip": 0.2}, "dpo", None),  # noisy labels
+])
+def test_the_targets_of_moving_references_and_on_policy_runs(setting, loss, b):
+    """The report's targets where the reference moves by rule or the pairs come from the policy (300 steps, T = 1):
+    the frontier point at b = beta (RLOO), T beta (on-policy DPO), T beta / k (k hard resets' stages); none else."""
+    import pandas as pd
+
+    from prefopt.study.report import loss_targets
+
+    runs = pd.DataFrame([{"run": "r", "curve": "c", "variant": "c", "status": "ok", "loss": loss, "loss.beta": 0.3,
+                          "seed": s, "trainer.max_steps": 300, "val/gold/sampled_kl": 1.0,
+                          "val/gold/gold_reward": 1.0, **setting} for s in (0, 1)])
+    table = loss_targets(runs)
+    if b is None:
+        assert table.empty
+        return
+    (row,) = table.itertuples()
+    assert row.b == pytest.approx(b) and (row.target_kl, row.target_reward) == pytest.approx(frontier_point(b))
+    assert row.n == 2

@@ -79,12 +79,13 @@ def test_an_unpaired_loss_trains_on_the_rounds_pairs_unchanged(gold_reference_di
 
 
 def test_online_pairs_refuse_what_they_cannot_do(micro_base, gold_reference_dir, capsys):
-    """Other data than the built-in task's, and no reload per epoch, stop with one line saying what to set."""
+    """The gold reward on other data than the built-in task's, and no reload per epoch, stop with one line saying
+    what to set."""
     from prefopt.cli import main as cli_main
 
     with pytest.raises(SystemExit):
         cli_main(["fit", "--data.online={pairs_per_round: 8}", "--trainer.reload_dataloaders_every_n_epochs=1"])
-    assert "set data.dataset: gold" in capsys.readouterr().err
+    assert "(the gold reward is the built-in task's): set data.online.reward" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fit", f"--config={BASE}", "--data.online={pairs_per_round: 8}", "--trainer.max_steps=2"])
     assert "set trainer.reload_dataloaders_every_n_epochs: 1" in capsys.readouterr().err

@@ -27,6 +27,9 @@ import torch
 import yaml
 from micro_fixtures import save_micro_model, write_micro_pairs
 
+from prefopt.cli import run_name
+from prefopt.losses import LossConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 STEPS = 10  # the base validates every 100 steps and at the last one: one validation, with the gold evaluation
@@ -229,11 +232,17 @@ def test_the_default_job_then_export_its_policy(gold_reference_dir, checkout):
 @pytest.mark.parametrize("command", commands_of(EXPERIMENT), ids=lambda c: c.split()[-1])
 def test_an_experiment_file_fits(command, gold_reference_dir, checkout):
     experiment = yaml.safe_load((checkout / command.split("--config ")[1].split()[0]).read_text())
-    name = experiment["model"]["loss"]["name"]
+    online = (experiment.get("data") or {}).get("online")
+    # The generated run name: the loss and its non-default hyperparameters, led by `online` (and the reward when not
+    # the gold one) for on-policy rounds.
+    name = run_name(LossConfig.from_value(experiment["model"]["loss"]), 0, online=online).removesuffix("_seed0")
     metrics = check_fit(run(f"{command} --trainer.max_steps={STEPS}", checkout), checkout, f"{name}_seed0")
     assert "val/gold/gold_reward" in metrics["final"]
     config = yaml.safe_load((checkout / "runs" / f"{name}_seed0" / "version_0" / "config.yaml").read_text())
     assert holds(config["model"]["loss"], experiment["model"]["loss"])
+    if online is not None:
+        assert holds(config["data"]["online"], {k: v for k, v in online.items() if not isinstance(v, dict)})
+        assert holds(config["data"]["online"].get("reward_model") or {}, online.get("reward_model") or {})
 
 
 @pytest.mark.parametrize("command", commands_of(LOSS_OPTION), ids=lambda c: re.search(r"model\.loss[.\w]*", c)[0])

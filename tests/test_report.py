@@ -369,3 +369,19 @@ def test_targets_only_for_runs_from_the_tasks_reference():
                                                      "model.reference_update.alpha": [0.6], "data.online": [None]}))
     assert not report._from_task_reference(pd.DataFrame({"model.reference_update.every": [50]}))  # TR-DPO
     assert not report._from_task_reference(pd.DataFrame({"data.online.pairs_per_round": [512]}))  # on-policy pairs
+
+
+def test_the_online_results_verdicts_are_rederived_from_its_runs_and_shown_in_its_readme():
+    """results/online: the verdicts the report derives from the committed runs and calibration are the committed
+    verdicts.csv, and its README shows `python -m prefopt.study.verdicts results/online` as that command prints it.
+    (The whole report takes minutes there; the README's scenario report command re-derives a scenario's in full.)"""
+    from prefopt.study.report import read_tables
+    from prefopt.study.scenarios import read_scenario
+    from prefopt.study.verdicts import markdown, verdicts
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "online"
+    runs, _, _ = read_tables(folder)
+    derived = verdicts(runs, pd.read_csv(folder / "calibration.csv"), read_scenario(folder))
+    pd.testing.assert_frame_equal(derived, pd.read_csv(folder / "verdicts.csv"), check_exact=False, rtol=1e-6,
+                                  check_dtype=False)
+    assert markdown([folder]) in (folder / "README.md").read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 from run_helpers import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +25,14 @@ def gold_data(gold_reference_dir):
     return dm
 
 
-def test_the_reward_model_is_as_accurate_as_the_gold_reward_on_held_out_labels(gold_data, gold_reference_dir,
-                                                                                  tmp_path):
+def test_the_reward_model_is_as_accurate_as_the_gold_reward_on_held_out_labels(gold_data, gold_reference_dir):
     """Trained with experiments/online/rlhf.yaml's options on the 4,000 pairs: its held-out accuracy is within 0.03 of
     the gold reward's own on the same Bradley-Terry labels (0.77 against 0.78 at seed 0), and its rewards correlate
-    with the gold rewards at r > 0.85 (0.92). The global RNG is left as it was; a second call reads the cache."""
+    with the gold rewards at r > 0.85 (0.92). The global RNG is left as it was; a second call reads the cache (the
+    session's: RLHF's shipped file then finds this very model)."""
     import yaml
 
+    from prefopt.gold.build import default_cache_dir
     from prefopt.train.builtin import RewardModelOptions
     from prefopt.train.reward_model import ensure_reward_model, load_reward_model, reward_model_stats
     from prefopt.train.rewards import gold_agreement
@@ -39,7 +41,7 @@ def test_the_reward_model_is_as_accurate_as_the_gold_reward_on_held_out_labels(g
     options, dm = RewardModelOptions(**shipped), gold_data
     rng = torch.get_rng_state()
     path = ensure_reward_model(gold_reference_dir, dm.tokenizer, dm.train_examples, dm.val_examples, options, 0,
-                               tmp_path)
+                               default_cache_dir())
     assert torch.equal(rng, torch.get_rng_state())
     agreement = gold_agreement(load_reward_model(path), dm.val_examples, dm.tokenizer)
     assert agreement["val_accuracy"] >= agreement["gold_val_accuracy"] - 0.03
@@ -48,7 +50,7 @@ def test_the_reward_model_is_as_accurate_as_the_gold_reward_on_held_out_labels(g
     assert stats["val_accuracy"] == agreement["val_accuracy"] and stats["pairs"] == len(dm.train_examples)
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     again = ensure_reward_model(gold_reference_dir, dm.tokenizer, dm.train_examples, dm.val_examples, options, 0,
-                                tmp_path)
+                                default_cache_dir())
     assert again == path and (path / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -95,3 +97,54 @@ def test_a_user_function_labels_the_rounds_pairs(gold_reference_dir):
     assert sum(len(e["chosen_ids"]) > len(e["rejected_ids"]) for e in examples) > len(examples) / 2
     final = metrics["final"]
     assert final["val/online/labels_used"] == 0 and final["val/online/reward_queries"] == 2 * len(examples)
+
+
+# ---------------------------------------------------------------- real data: a local model, prompts and reward model
+def test_online_rounds_on_real_data_with_a_tiny_local_reward_model(micro_base, micro_model, tmp_path):
+    """The micro model and pairs (a local save_pretrained directory and jsonl file) with a tiny local reward model
+    (a save_pretrained sequence-classification directory): online DPO labels each round's pairs by the reward model
+    at temperature 0 (the higher reward is chosen), its prompts are the data's; RLOO trains on its rewards."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.train.reward_model import load_reward_model, scalar_rewards
+
+    torch.manual_seed(1)
+    rm_dir = tmp_path / "tiny_rm"
+    AutoModelForSequenceClassification.from_pretrained(str(micro_model), num_labels=1).save_pretrained(rm_dir)
+    online = ("--trainer.reload_dataloaders_every_n_epochs=1", "--data.gold.label_temperature=0")
+    cli, metrics = fit(*online, f"--data.online={{pairs_per_round: 8, reward: {rm_dir}}}")
+    dm, rm = cli.datamodule, load_reward_model(rm_dir)
+    prompts = {tuple(dm.tokenizer(f"{topic} :")["input_ids"]) for topic in ("film", "book")}  # the data's two
+    examples = dm.rounds.examples
+    assert len(examples) <= 8 and all(tuple(e["prompt_ids"]) in prompts for e in examples)
+    r_w = scalar_rewards(rm, [e["prompt_ids"] for e in examples], [e["chosen_ids"] for e in examples], 0)
+    r_l = scalar_rewards(rm, [e["prompt_ids"] for e in examples], [e["rejected_ids"] for e in examples], 0)
+    assert bool((r_w >= r_l).all())
+    assert metrics["final"]["val/online/round"] == 2 and metrics["final"]["val/online/labels_used"] == 0
+    _, rl = fit(*online, "--model.loss={name: rloo}",
+                f"--data.online={{pairs_per_round: 4, responses_per_prompt: 3, reward: {rm_dir}}}")
+    assert rl["final"]["val/online/reward_queries"] == 4 * 4 * 3 and rl["train_loss"] is not None
+
+
+def test_real_data_refuses_the_gold_reward(micro_base, capsys):
+    from prefopt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.reload_dataloaders_every_n_epochs=1", "--data.online={pairs_per_round: 8}"])
+    assert "data.online scores real data's responses with a reward model's directory" in capsys.readouterr().err
+
+
+def test_the_generic_sampler_draws_what_the_built_in_tasks_sampler_draws(gold_reference_dir):
+    """On the task's same-length topic prompts, from the same generator state, `sample_continuations` (real data's
+    rounds) returns the very tokens `sample_responses` (the task's evaluation and rounds) returns: the same loop."""
+    from prefopt.gold import task
+    from prefopt.gold.build import load_reference
+    from prefopt.gold.sampling import _prompt_ids, sample_responses
+    from prefopt.train.generation import sample_continuations
+
+    model, tok = load_reference(gold_reference_dir)
+    topics = [t for t in task.TRAIN_TOPICS for _ in range(16)]
+    theirs = sample_responses(model, tok, task.TRAIN_TOPICS, 16, torch.Generator().manual_seed(3))
+    mine = sample_continuations(model, [_prompt_ids(tok, t) for t in topics], torch.Generator().manual_seed(3), 16,
+                                tok.eos_token_id, tok.pad_token_id)
+    assert [(tok.convert_ids_to_tokens(ids), ended) for ids, ended in mine] == [(w, e) for _, w, e in theirs]

@@ -150,16 +150,20 @@ def test_a_bad_dotted_loss_key_fails_at_parse_time(capsys):
     assert "error: --model.loss: loss 'dpo' has no hyperparameter bta" in err and len(err.splitlines()) <= 3
 
 
-@pytest.mark.parametrize(("dataset", "model", "expected"), [
-    ("gold", "gold", "dpo_beta0.5_seed3"),
-    ("data/my_pairs.jsonl", "gold", "my_pairs_dpo_beta0.5_seed3"),
-    ("trl-lib/ultrafeedback_binarized", "Qwen/Qwen2.5-0.5B", "ultrafeedback_binarized_Qwen2.5-0.5B_dpo_beta0.5_seed3"),
+@pytest.mark.parametrize(("dataset", "model", "online", "expected"), [
+    ("gold", "gold", None, "dpo_beta0.5_seed3"),
+    ("data/my_pairs.jsonl", "gold", None, "my_pairs_dpo_beta0.5_seed3"),
+    ("trl-lib/ultrafeedback_binarized", "Qwen/Qwen2.5-0.5B", None,
+     "ultrafeedback_binarized_Qwen2.5-0.5B_dpo_beta0.5_seed3"),
+    ("gold", "gold", {"pairs_per_round": 512}, "online_dpo_beta0.5_seed3"),  # on-policy pairs, the gold labeler
+    ("gold", "gold", {"reward": "reward_model"}, "online_reward_model_dpo_beta0.5_seed3"),
+    ("data/my_pairs.jsonl", "gold", {"reward": "rms/my_rm/"}, "my_pairs_online_my_rm_dpo_beta0.5_seed3"),
 ])
-def test_run_names_tell_own_data_and_models_apart(dataset, model, expected):
+def test_run_names_tell_own_data_and_models_apart(dataset, model, online, expected):
     from prefopt.cli import run_name
     from prefopt.losses import LossConfig
 
-    assert run_name(LossConfig("dpo", beta=0.5), 3, dataset, model) == expected
+    assert run_name(LossConfig("dpo", beta=0.5), 3, dataset, model, online) == expected
 
 
 def test_the_tests_do_not_write_into_the_checkout():

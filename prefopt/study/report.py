@@ -3,11 +3,14 @@
 Reads the tables the grid wrote (runs.parquet or runs.csv, summary.csv, history.csv) and writes, beside them:
 
 - frontier.csv: the task's exact optimal frontier (b, kl, reward), so notebooks need nothing from training code;
-- best_of_n.csv: best-of-N sampling from the base, exactly (n, kl, reward): the baseline that trains nothing;
+- best_of_n.csv: best-of-N sampling from the base, exactly (n, kl, reward, frontier_gap): the baseline that trains
+  nothing;
 - targets.csv: each setting's analytic target where its loss has one (`prefopt.gold.targets`: DPO's population
   optimum with clean labels is pi_ref exp(R / (T beta)), the frontier point at b = T beta (T: the label
   temperature); IPO's and, with the scenario's labeler folded in, cDPO's, robust DPO's and DPO's with flipped or
-  length-biased labels), with the target's own gap to the frontier, next to where its runs landed;
+  length-biased labels; where the reference moves by rule or the pairs come from the policy, RLOO's on the gold
+  reward, b = beta, on-policy DPO's, b = T beta, and DPO's after k hard resets, b = T beta / k), with the target's
+  own gap to the frontier, next to where its runs landed;
 - matched_kl.csv: each curve's gold reward and frontier gap at target KLs, with 95% intervals across seeds, and
   its difference to the best curve there, paired by seed;
 - ranking.csv: the curves ranked by their gap to the frontier at matched KL (`prefopt.study.ranking`);
@@ -22,6 +25,7 @@ shown but never ranks (docs/gold_task.md, 'Preference accuracy does not rank los
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -59,11 +63,13 @@ BEST_OF_N = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 
 
 def best_of_n_table() -> pd.DataFrame:
-    """Best-of-N sampling from the base, exactly (`prefopt.gold.task.best_of_n_curve`): the no-training baseline."""
-    from prefopt.gold.task import best_of_n_curve
+    """Best-of-N sampling from the base, exactly (`prefopt.gold.task.best_of_n_curve`): the no-training baseline,
+    with its gap to the frontier at its own KL."""
+    from prefopt.gold.task import best_of_n_curve, frontier_reward_at_kl
 
     kl, reward = best_of_n_curve(BEST_OF_N)
-    return pd.DataFrame({"n": BEST_OF_N, "kl": kl, "reward": reward})
+    gap = [frontier_reward_at_kl(k) - r if k > 0 else 0.0 for k, r in zip(kl, reward)]
+    return pd.DataFrame({"n": BEST_OF_N, "kl": kl, "reward": reward, "frontier_gap": gap})
 
 
 def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
@@ -84,18 +90,20 @@ def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for keys, g in curves.groupby(["curve", "loss", *params, *data], sort=False, dropna=False):
         values = dict(zip(["curve", "loss", *params, *data], keys))
-        if not _from_task_reference(g):
-            continue  # the population optimum is a tilt of the run's reference: only the task's is the base
         hyper = {c[5:]: v for c in params if pd.notna(v := values[c])}
         name = LOSSES[values["loss"]].name if values["loss"] in LOSSES else values["loss"]  # cdpo is dpo
-        found = target(name, hyper, {c[10:]: values[c] for c in data if _given(values[c])})
+        labeler = {c[10:]: values[c] for c in data if _given(values[c])}
+        t = float(values["data.gold.label_temperature"]) if _given(values.get("data.gold.label_temperature")) else 1.0
+        beta = float(hyper.get("beta", math.nan))
+        if _from_task_reference(g):
+            found = target(name, hyper, labeler)
+            b = t * beta if name == "dpo" and found is not None and found[2] == "closed form" else math.nan
+        else:  # the population optimum is a tilt of the run's reference: known where the reference moves by rule
+            found, b = _moving_target(g, name, hyper, labeler, t)
         if found is None:
             continue
         kl, reward, how = found
-        t = float(values["data.gold.label_temperature"]) if _given(values.get("data.gold.label_temperature")) else 1.0
-        beta = float(hyper.get("beta", math.nan))
-        rows.append({"curve": values["curve"], "loss": values["loss"], "beta": beta, "T": t,
-                     "b": t * beta if name == "dpo" and how == "closed form" else math.nan, "how": how,
+        rows.append({"curve": values["curve"], "loss": values["loss"], "beta": beta, "T": t, "b": b, "how": how,
                      "target_kl": kl, "target_reward": reward, "target_gap": frontier_reward_at_kl(kl) - reward,
                      "kl": g[rk.KL].mean(), "reward": g[rk.REWARD].mean(), "n": len(g)})
     return pd.DataFrame(rows, columns=columns)
@@ -113,6 +121,47 @@ def _from_task_reference(runs: pd.DataFrame) -> bool:
     moving = [c for c in runs.columns if c.startswith(MOVING) and not c.endswith(".alpha")]  # alpha alone moves nothing
     off = lambda v: not _given(v) or v in (0, "0", "null", "None", False)  # noqa: E731
     return bool(model.fillna("gold").eq("gold").all() and all(runs[c].map(off).all() for c in moving))
+
+
+def _moving_target(runs: pd.DataFrame, name: str, hyper: dict, labeler: dict, t: float) -> tuple[tuple | None, float]:
+    """((KL, reward, how), b) of the frontier point that runs with a moving reference or on-policy pairs head for,
+    where it is known on the built-in task (from its reference, clean labels, the gold reward); (None, nan) else.
+
+    - RLOO on the gold reward maximizes E[R] - beta KL: the frontier point at b = beta.
+    - DPO's population optimum is pi_ref exp(R / (T beta)) / Z for pairs from any sampler covering the responses, so
+      on-policy pairs leave it where it was (b = T beta); a hard reset of the reference every tau steps (iterative DPO,
+      TR-DPO's hard variant, sDPO's stages) makes k = ceil(steps / tau) stages, the k-th optimum's reference the
+      (k-1)-th: pi_0 exp(k R / (T beta)) / Z, b = T beta / k, reached if every stage converges.
+    A soft update (alpha < 1), a learned reward, IPO on on-policy pairs (its optimum depends on the sampler), a weak
+    start or an SFT stage has none here."""
+    from prefopt.gold.targets import target
+    from prefopt.gold.task import frontier_point
+
+    first = runs.iloc[0]
+    cell = lambda key: _json_cell(first.get(key)) if key in runs else None  # noqa: E731
+    online, update = cell("data.online") or {}, cell("model.reference_update") or {}
+    if (runs["model.model"].fillna("gold").ne("gold").any() if "model.model" in runs else False) or \
+            _given(first.get("model.sft_steps")) and first.get("model.sft_steps") not in (0, "0"):
+        return None, math.nan
+    clean = target("dpo", {"beta": 1.0}, labeler)  # "closed form" only for clean Bradley-Terry labels at T > 0
+    if online and online.get("reward", "gold") != "gold" or clean is None or clean[2] != "closed form":
+        return None, math.nan  # a learned or user reward, or labels whose noise these closed forms leave out
+    if name == "rloo" and online:
+        return (*frontier_point(hyper["beta"]), "closed form"), hyper["beta"]
+    every, alpha = int(update.get("every", 0) or 0), float(update.get("alpha", 1.0))
+    if name != "dpo" or hyper.get("label_smoothing", 0) or (every and alpha != 1.0) or not t > 0:
+        return None, math.nan
+    steps = float(first.get("trainer.max_steps", 300)) if _given(first.get("trainer.max_steps")) else 300.0
+    k = math.ceil(steps / every) if every else 1
+    b = t * hyper["beta"] / k
+    return (*frontier_point(b), "closed form" + (f", {k} stages converged" if k > 1 else "")), b
+
+
+def _json_cell(value: object) -> dict | None:
+    """A dict-valued grid setting as a results table holds it (JSON text), or None where the run did not set it."""
+    if not _given(value) or value in ("", "null", "None"):
+        return None
+    return value if isinstance(value, dict) else json.loads(str(value))
 
 
 def _given(value: object) -> bool:

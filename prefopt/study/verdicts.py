@@ -25,10 +25,14 @@ def seeds_to_resolve(distance: float, sd: float, n: int) -> float:
     distance to the decision's boundary: 0, or +-margin); inf when the effect sits on the boundary."""
     if not math.isfinite(distance) or not math.isfinite(sd) or distance <= 0:
         return math.inf
-    for m in range(max(n, 2), MAX_SEEDS + 1):
-        if t_quantile(m) * sd / math.sqrt(m) < distance:
-            return m
-    return math.inf
+    narrow = lambda m: t_quantile(m) * sd / math.sqrt(m) < distance  # noqa: E731  (the half-width falls with m)
+    lo, hi = max(n, 2), MAX_SEEDS
+    if not narrow(hi):
+        return math.inf
+    while lo < hi:  # bisection: the first m that is narrow enough (each t quantile costs O(m))
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if narrow(mid) else (mid + 1, hi)
+    return lo
 
 
 def _decide(p: Mapping[str, Any], mean: float, lo: float, hi: float) -> tuple[str, float]:

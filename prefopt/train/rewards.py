@@ -56,11 +56,16 @@ class Reward:
         return [float(r) for r in self.fn(samples)] if samples else []
 
 
+def gold_reward() -> Reward:
+    """The built-in task's exact gold reward of each sample."""
+    return Reward(lambda samples: [task.gold_reward(s.topic, s.words) for s in samples], gold=True)
+
+
 def make_reward(name: str, datamodule: Any, device: torch.device) -> Reward:
     """The reward `data.online.reward` names, for the run whose DataModule is `datamodule` (set up: its training
     pairs are the offline ones a learned reward model trains on)."""
     if name == GOLD:
-        return Reward(lambda samples: [task.gold_reward(s.topic, s.words) for s in samples], gold=True)
+        return gold_reward()
     if name == LEARNED or Path(name).expanduser().is_dir():
         return _model_reward(name, datamodule, device)
     module, _, function = name.partition(":")

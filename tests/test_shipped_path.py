@@ -58,6 +58,8 @@ def test_a_killed_default_fit_resumes_from_its_mid_run_checkpoint_to_the_same_me
     assert f"final metrics at step {STEPS}:" in out.stdout and "val/gold/gold_reward" in out.stdout
     full = json.loads((tmp_path / "full" / "runs" / "dpo_seed0" / "version_0" / "metrics.json").read_text())
     assert full["finished"] and [h["step"] for h in full["history"]] == [STEPS], "a last validation, off-interval"
+    finished = tmp_path / "full" / "runs" / "dpo_seed0" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt_step(finished) == STEPS, "last.ckpt holds the final step, off the every-50 interval too"
 
     run = tmp_path / "killed" / "runs" / "dpo_seed0" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
@@ -76,10 +78,14 @@ def test_a_killed_default_fit_resumes_from_its_mid_run_checkpoint_to_the_same_me
 
 
 def test_a_killed_shipped_grid_continues_its_unfinished_runs_from_their_checkpoints(gold_reference_dir, tmp_path):
-    """The shipped grid file with the shipped base (no setting replaced): kill -9 mid-run, rerun, runs resume."""
+    """The shipped grid file with the shipped base (no setting replaced): kill -9 mid-run, rerun, runs resume.
+
+    250 steps, not STEPS: the kill waits for both runs' first checkpoint (step 50), and at 60 steps the run that
+    started first could finish in the seconds the other took to reach it (then nothing of it was left to resume)."""
+    steps_total = 250
     out = tmp_path / "results"
     args = ("grid", "--config", GRID, "--runs", "dpo_beta0.5_seed0,ipo_beta1_seed0", "--set",
-            f"trainer.max_steps={STEPS}", "--workers", "2", "--out", str(out))
+            f"trainer.max_steps={steps_total}", "--workers", "2", "--out", str(out))
     names = ("dpo_beta0.5_seed0", "ipo_beta1_seed0")
     lasts = [out / "runs" / name / "checkpoints" / "last.ckpt" for name in names]
     process = start(*args, cwd=tmp_path)
@@ -88,7 +94,7 @@ def test_a_killed_shipped_grid_continues_its_unfinished_runs_from_their_checkpoi
     process.wait()
     time.sleep(1.0)  # the runs die with the grid (PR_SET_PDEATHSIG)
     steps = {name: ckpt_step(p) for name, p in zip(names, lasts)}
-    assert all(0 < s < STEPS for s in steps.values()), steps
+    assert all(0 < s < steps_total for s in steps.values()), steps
 
     result = prefopt(*args, cwd=tmp_path)
     assert "finished: 2 ok, 0 failed" in result.stderr
@@ -96,7 +102,7 @@ def test_a_killed_shipped_grid_continues_its_unfinished_runs_from_their_checkpoi
         spec = json.loads((out / "runs" / name / "run.json").read_text())
         metrics = json.loads((out / "runs" / name / "metrics.json").read_text())
         assert spec["resumed_from_step"] == steps[name], "continued from the checkpoint's step, not from 0"
-        assert metrics["finished"] and metrics["step"] == STEPS and "val/gold/gold_reward" in metrics["final"]
+        assert metrics["finished"] and metrics["step"] == steps_total and "val/gold/gold_reward" in metrics["final"]
     import pandas as pd
 
     runs = pd.read_csv(out / "runs.csv")

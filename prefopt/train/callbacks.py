@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from prefopt.files import write_json
 
@@ -43,6 +43,21 @@ class ProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         if not sys.stderr.isatty():
             self.disable()
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose last.ckpt (`save_last`) also holds the run's final step.
+
+    Lightning writes last.ckpt at the end of training only if it never wrote one: a 60-step run checkpointing every
+    50 steps ended with step 50's weights in last.ckpt, which `python -m prefopt export` then read as the trained
+    policy. Here the end of training rewrites it whenever its last save was at an earlier step (before the module
+    frees the optimizer state: callbacks' `on_train_end` runs first).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped if saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class MetricsJson(L.Callback):

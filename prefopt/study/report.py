@@ -114,13 +114,23 @@ def loss_targets(runs: pd.DataFrame) -> pd.DataFrame:
 MOVING = ("model.sft_steps", "model.reference_update", "data.online")
 
 
+def _off(value: object) -> bool:
+    """A moving setting's table cell that leaves the reference where it is (unset, 0 or null)."""
+    return not _given(value) or value in (0, "0", "null", "None", False)
+
+
+def _starts_at_task_reference(runs: pd.DataFrame) -> bool:
+    """Whether these runs start from the task's reference as theirs (not a weak start, no SFT stage first)."""
+    model = runs["model.model"] if "model.model" in runs else pd.Series(["gold"] * len(runs))
+    sft = runs["model.sft_steps"] if "model.sft_steps" in runs else pd.Series([0] * len(runs))
+    return bool(model.fillna("gold").eq("gold").all() and sft.map(_off).all())
+
+
 def _from_task_reference(runs: pd.DataFrame) -> bool:
     """Whether these runs' reference is the task's own throughout (not a weak start, not reset after an SFT stage nor
     updated as TR-DPO's) and their pairs the task's reference samples (not on-policy rounds)."""
-    model = runs["model.model"] if "model.model" in runs else pd.Series(["gold"] * len(runs))
     moving = [c for c in runs.columns if c.startswith(MOVING) and not c.endswith(".alpha")]  # alpha alone moves nothing
-    off = lambda v: not _given(v) or v in (0, "0", "null", "None", False)  # noqa: E731
-    return bool(model.fillna("gold").eq("gold").all() and all(runs[c].map(off).all() for c in moving))
+    return _starts_at_task_reference(runs) and all(runs[c].map(_off).all() for c in moving)
 
 
 def _moving_target(runs: pd.DataFrame, name: str, hyper: dict, labeler: dict, t: float) -> tuple[tuple | None, float]:
@@ -140,8 +150,7 @@ def _moving_target(runs: pd.DataFrame, name: str, hyper: dict, labeler: dict, t:
     first = runs.iloc[0]
     cell = lambda key: _json_cell(first.get(key)) if key in runs else None  # noqa: E731
     online, update = cell("data.online") or {}, cell("model.reference_update") or {}
-    if (runs["model.model"].fillna("gold").ne("gold").any() if "model.model" in runs else False) or \
-            _given(first.get("model.sft_steps")) and first.get("model.sft_steps") not in (0, "0"):
+    if not _starts_at_task_reference(runs):
         return None, math.nan
     clean = target("dpo", {"beta": 1.0}, labeler)  # "closed form" only for clean Bradley-Terry labels at T > 0
     if online and online.get("reward", "gold") != "gold" or clean is None or clean[2] != "closed form":

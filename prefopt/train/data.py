@@ -134,9 +134,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 rounds (`online`) spend no labels on it.
             seed: the run's seed (linked to `seed_everything`): it redraws the built-in task's pairs and the order.
             gold: pair sampling of the built-in task.
-            online: on the built-in task, train each epoch (a round) on responses sampled from the policy as it is at
-                the round's start (`prefopt.train.online`; needs trainer.reload_dataloaders_every_n_epochs: 1). The
-                offline pairs still give the validation pairs (and a learned reward model's training pairs).
+            online: train each epoch (a round) on responses sampled from the policy as it is at the round's start,
+                to the built-in task's prompts or the data's (`prefopt.train.online`; needs
+                trainer.reload_dataloaders_every_n_epochs: 1). The offline pairs still give the validation pairs (and a
+                learned reward model's training pairs).
         """
         super().__init__()
         if max_length < 2 or stages < 1:

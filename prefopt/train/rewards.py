@@ -28,7 +28,7 @@ import torch
 from prefopt.gold import task
 from prefopt.gold.build import default_cache_dir
 from prefopt.gold.sampling import _prompt_ids
-from prefopt.train.builtin import MODELS, source
+from prefopt.train.models import resolve
 from prefopt.train.reward_model import (
     ensure_reward_model, load_reward_model, pair_rewards, reward_model_stats, scalar_rewards,
 )
@@ -86,7 +86,7 @@ def _model_reward(name: str, datamodule: Any, device: torch.device) -> Reward:
     tok, hp = datamodule.tokenizer, datamodule.hparams
     labels = 0
     if name == LEARNED:
-        base = str(source(MODELS, hp.tokenizer)()) if hp.tokenizer in MODELS else hp.tokenizer
+        base = resolve(hp.tokenizer)  # the policy's source: a built-in name made, else as given
         options = datamodule.online.reward_model
         name = str(ensure_reward_model(base, tok, datamodule.train_examples, datamodule.val_examples, options,
                                        hp.seed, default_cache_dir()))

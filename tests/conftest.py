@@ -15,11 +15,20 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# pytest-xdist (`-n 2` in pyproject.toml): the controller imports this file first and its workers inherit its
+# environment, so they share the controller's cache (builds are locked: the reference is built once) and each runs
+# torch, and the runs it starts, on one thread (two workers on two cores, not four threads fighting for them).
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if os.environ.get("PREFOPT_TEST_CACHE"):
     os.environ["PREFOPT_CACHE"] = os.environ["PREFOPT_TEST_CACHE"]
-else:
+elif not (_XDIST_WORKER and os.environ.get("PREFOPT_CACHE")):
     os.environ["PREFOPT_CACHE"] = tempfile.mkdtemp(prefix="prefopt-test-cache-")
     atexit.register(shutil.rmtree, os.environ["PREFOPT_CACHE"], ignore_errors=True)
+if _XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 _WORKDIR = tempfile.mkdtemp(prefix="prefopt-test-cwd-")
 os.chdir(_WORKDIR)
 atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)

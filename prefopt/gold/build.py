@@ -84,6 +84,24 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _build_lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `final`'s build, so that processes sharing a fresh cache (a grid's workers, parallel
+    test workers) build an artifact once: the others wait, then find it built. No-op where fcntl is missing."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent builds stay safe (_atomic_dir), only duplicated
+        yield
+        return
+    with open(final.parent / f".{final.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -231,6 +249,13 @@ def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecip
     final = Path(cache_dir or default_cache_dir()) / f"reference-{reference_key(recipe)}"
     if (final / REFERENCE_META).is_file():
         return final
+    with _build_lock(final):
+        if not (final / REFERENCE_META).is_file():  # not built by another process while this one waited
+            _build_reference(final, recipe)
+    return final
+
+
+def _build_reference(final: Path, recipe: ReferenceRecipe) -> None:
     log.info("building the gold-task reference in %s (takes about a minute)", final)
     start = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -255,7 +280,6 @@ def ensure_reference(cache_dir: str | Path | None = None, recipe: ReferenceRecip
         tokenizer.save_pretrained(tmp)
         (tmp / REFERENCE_META).write_text(json.dumps(meta, indent=2))
     log.info("built the reference in %.1f s: KL(base || ref) = %.4f ± %.4f nats", train_s, kl, kl_se)
-    return final
 
 
 def ensure_weak_reference(cache_dir: str | Path | None = None) -> Path:

@@ -30,12 +30,20 @@ if _XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
     torch.set_num_threads(1)
 _WORKDIR = tempfile.mkdtemp(prefix="prefopt-test-cwd-")
-os.chdir(_WORKDIR)
 atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------------- gold task
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_working_folder():
+    """The tests run in a fresh folder (a fixture, not at import: xdist's workers start in the controller's folder
+    and look for the tests there)."""
+    os.chdir(_WORKDIR)
+
+
+# ---------------------------------------------------------------------------------------------- gold task
 
 
 @pytest.fixture(scope="session")

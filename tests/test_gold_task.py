@@ -3,12 +3,12 @@ the pair files, sampling/scoring and the evaluation callback. Offline; one refer
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import itertools
 import json
 import math
 import os
-import time
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt.gold import task
+from prefopt.gold import build as gold_build, task
 from prefopt.gold.pairs import ensure_pairs
 from prefopt.gold.build import (
     ReferenceRecipe,
@@ -151,15 +151,13 @@ def test_frontier_is_normalized_monotone_and_starts_at_the_base():
         assert kl_b == pytest.approx(np.sum(p * (np.log(p) - comp.log_prob)), abs=1e-9)
 
 
-def test_frontier_reward_at_kl_inverts_the_curve_quickly():
+def test_frontier_reward_at_kl_inverts_the_curve():
     assert task.frontier_reward_at_kl(0.0) == task.frontier_reward_at_kl(-1.0) == task.base_mean_reward()
     for b in (0.1, 0.3, 1.0, 3.0):
         kl, reward = task.frontier_point(b)
         assert task.frontier_reward_at_kl(kl) == pytest.approx(reward, abs=1e-6)
     assert task.frontier_reward_at_kl(100.0) == pytest.approx(3.75)  # beyond reach: the maximum reward
-    start = time.perf_counter()
     values = [task.frontier_reward_at_kl(k) for k in np.linspace(0.01, 8, 20)]
-    assert (time.perf_counter() - start) / 20 < 0.05
     assert np.all(np.diff(values) > 0)
 
 
@@ -200,15 +198,22 @@ def test_reference_is_close_to_the_base(reference, gold_reference_dir):
     assert diff.mean() < 0.05
 
 
-def test_reference_is_cached_and_keyed_by_its_recipe(gold_reference_dir, tmp_path):
-    start = time.perf_counter()
+def test_reference_is_cached_and_keyed_by_its_recipe(gold_reference_dir, tmp_path, monkeypatch):
+    built = []
+    real_build = gold_build._build_reference
+    monkeypatch.setattr(gold_build, "_build_reference", lambda final, recipe: built.append(final) or real_build(final, recipe))
     assert ensure_reference(gold_reference_dir.parent) == gold_reference_dir
-    assert time.perf_counter() - start < 0.5
+    assert built == []  # found in the cache, not rebuilt
     assert reference_key(ReferenceRecipe(steps=1501)) != reference_key(ReferenceRecipe())
     tiny = ReferenceRecipe(num_samples=512, steps=3, batch_size=16, kl_samples=64)
-    tiny_dir = ensure_reference(tmp_path, recipe=tiny)
+    # Two builders at once on a fresh cache (a grid's workers, parallel tests): one builds, the other waits for it.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        dirs = list(pool.map(lambda _: ensure_reference(tmp_path, recipe=tiny), range(2)))
+    tiny_dir = dirs[0]
+    assert dirs == [tiny_dir, tiny_dir] and built == [tiny_dir]
     assert tiny_dir.name != gold_reference_dir.name and tiny_dir.name.endswith(reference_key(tiny))
-    assert [p.name for p in tmp_path.iterdir()] == [tiny_dir.name]  # no temp dir left behind
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # the build's lock file stays
+    assert left == [tiny_dir.name]  # no temp dir left behind
     model, tok = load_reference(tiny_dir)  # AutoModelForCausalLM / AutoTokenizer load it offline
     assert model.config.hidden_size == 64 and tok("film :")["input_ids"][0] == tok.bos_token_id
 

@@ -358,6 +358,43 @@ def test_a_calibrating_grid_is_compared_at_its_targets_without_interpolation():
     assert table.loc["a", "gap_vs_best_other.lo"] <= 0.05 <= table.loc["a", "gap_vs_best_other.hi"]
 
 
+def test_standing_says_best_tied_or_behind_at_each_target_and_the_forest_plot_shows_it(tmp_path):
+    """At KL 1, b leads; a's paired interval against b excludes 0 (behind), c's includes it (tied). At KL 2 one curve
+    has nothing to be paired with: no standing."""
+    import matplotlib.pyplot as plt
+
+    from prefopt.study import plots
+
+    table = pd.DataFrame({"target": [1.0, 1.0, 1.0, 2.0], "curve": ["a", "b", "c", "a"],
+                          "gap.mean": [0.30, 0.25, 0.27, 0.40], "gap.ci95": [0.02, 0.02, 0.02, 0.03],
+                          "gap_vs_best_other.mean": [0.05, -0.02, 0.02, np.nan],
+                          "gap_vs_best_other.lo": [0.03, -0.04, -0.01, np.nan],
+                          "gap_vs_best_other.hi": [0.07, 0.01, 0.05, np.nan]})
+    assert list(rk.standing(table)) == ["behind", "best", "tied", ""]
+    fig = plots.at_targets_figure(table)
+    one, two = fig.axes
+    assert one.get_title() == "KL 1 nats: 2 of 3 not behind the best" and two.get_title().startswith("KL 2 nats")
+    assert [t.get_text() for t in one.get_yticklabels()] == ["a", "c", "b"]  # the smallest gap on top
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["best", "not told apart from the best (paired 95%)"]
+    plt.close(fig)
+    assert plots.at_targets_plot(table, tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.at_targets_plot(table.iloc[:0], tmp_path / "none.png") is None
+
+
+def test_panels_wrap_beyond_twelve_curves():
+    """The catalog's 53 losses: 12 columns a block, a block of metric rows per 12 curves, the unused panels off."""
+    import matplotlib.pyplot as plt
+
+    from prefopt.study import plots
+
+    panels = plots._Panels(30, rows=3)
+    assert np.shape(panels._axes) == (9, 12)
+    assert panels.ax(2, 13) is panels._axes[5][1] and panels.ax(0, 29) is panels._axes[6][5]
+    assert panels.first_column(24) and not panels.first_column(13)
+    assert sum(ax.axison for ax in panels.fig.axes) == 3 * 30
+    plt.close(panels.fig)
+
+
 def test_targets_only_for_runs_from_the_tasks_reference():
     """A target is a tilt of the base: a weak start, a reference reset after SFT or updated during the run, or pairs
     drawn from the moving policy have none."""

@@ -9,6 +9,8 @@
 - `curves_plot`: gold reward, sampled KL and accuracy at every validation step, one panel per curve and metric,
   one colour per hyperparameter value (seeds thin, their mean thick).
 - `diagnostics_plot`: the diagnostics of why a loss loses against sampled KL, one colour per curve.
+- `at_targets_plot`: a calibrating grid's comparison at its KL targets, a panel per target, the curves sorted by their
+  gap to the frontier, marked best, tied with the best or resolved behind it (`prefopt.study.ranking.standing`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prefopt.study.ranking import ACCURACY, GAP, KL, MARGIN, REWARD  # noqa: E402
+from prefopt.study.ranking import ACCURACY, GAP, KL, MARGIN, REWARD, standing  # noqa: E402
 from prefopt.study.tables import write_atomic  # noqa: E402
 
 
@@ -52,8 +54,8 @@ def swept_parameter(points: pd.DataFrame) -> str | None:
     return varying[0] if varying else None
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
     plt.close(fig)
     return path
@@ -105,9 +107,27 @@ def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, frontier: pd.DataFrame, 
     ax.grid(alpha=0.3)
 
 
-def _panels(n: int, rows: int = 1) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(rows, n, figsize=(3.0 * n + 0.5, 2.7 * rows), squeeze=False)
-    return fig, axes
+MAX_COLUMNS = 12  # more curves than this wrap into further blocks of rows (the catalog's 53 losses)
+
+
+class _Panels:
+    """A figure of panels, a row per metric and a column per curve; beyond MAX_COLUMNS curves the columns wrap into
+    further blocks of `rows` rows. `ax(i, j)`: metric i's panel of curve j."""
+
+    def __init__(self, n: int, rows: int = 1) -> None:
+        self.cols, self.rows = min(n, MAX_COLUMNS), rows
+        blocks = -(-n // self.cols)
+        self.fig, self._axes = plt.subplots(rows * blocks, self.cols, squeeze=False,
+                                            figsize=(3.0 * self.cols + 0.5, 2.7 * rows * blocks))
+        for j in range(n, blocks * self.cols):
+            for i in range(rows):
+                self.ax(i, j).axis("off")
+
+    def ax(self, i: int, j: int) -> plt.Axes:
+        return self._axes[(j // self.cols) * self.rows + i][j % self.cols]
+
+    def first_column(self, j: int) -> bool:
+        return j % self.cols == 0
 
 
 def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
@@ -125,17 +145,18 @@ def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
 def gap_plot(points: pd.DataFrame, path: Path) -> Path:
     curves = list(points["curve"].unique())
     colors = _colors(curves)
-    fig, axes = _panels(len(curves))
-    for ax, curve in zip(axes[0], curves):
-        g = points[points["curve"] == curve]
+    panels = _Panels(len(curves))
+    for j, curve in enumerate(curves):
+        ax, g = panels.ax(0, j), points[points["curve"] == curve]
         param = swept_parameter(g)
         g = g.sort_values(param) if param else g
         x = _param_axis(ax, g, param)
         ax.errorbar(x, g[f"{GAP}.mean"], yerr=g[f"{GAP}.ci95"], fmt="o-", color=colors[curve], capsize=2)
         ax.set_title(curve, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gap to the frontier (95% CI)")
-    return _save(fig, path)
+        if panels.first_column(j):
+            ax.set_ylabel("gap to the frontier (95% CI)")
+    return _save(panels.fig, path)
 
 
 def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
@@ -143,21 +164,21 @@ def sweep_plot(points: pd.DataFrame, path: Path) -> Path:
     colors = _colors(curves)
     metrics = [(ACCURACY, "preference accuracy"), (MARGIN, "margin h (nats)"), (KL, "sampled KL")]
     metrics = [(m, label) for m, label in metrics if f"{m}.mean" in points]
-    fig, axes = _panels(len(curves), rows=len(metrics))
+    panels = _Panels(len(curves), rows=len(metrics))
     for j, curve in enumerate(curves):
         g = points[points["curve"] == curve]
         param = swept_parameter(g)
         g = g.sort_values(param) if param else g
         for i, (metric, label) in enumerate(metrics):
-            ax = axes[i][j]
+            ax = panels.ax(i, j)
             x = _param_axis(ax, g, param)
             ax.errorbar(x, g[f"{metric}.mean"], yerr=g[f"{metric}.ci95"], fmt="o-", color=colors[curve], capsize=2)
             ax.grid(alpha=0.3)
-            if j == 0:
+            if panels.first_column(j):
                 ax.set_ylabel(label)
             if i == 0:
                 ax.set_title(curve, fontsize=9)
-    return _save(fig, path)
+    return _save(panels.fig, path)
 
 
 def _settings(g: pd.DataFrame) -> tuple[list[str], list[tuple]]:
@@ -182,7 +203,7 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
     merged = history.merge(runs, on="run", suffixes=("", "_final"))
     curves = list(runs["curve"].unique())
     metrics = [m for m in (REWARD, KL, ACCURACY) if m in history]
-    fig, axes = _panels(len(curves), rows=len(metrics))
+    panels = _Panels(len(curves), rows=len(metrics))
     cmap = plt.get_cmap("viridis")
     for j, curve in enumerate(curves):
         g = merged[merged["curve"] == curve]
@@ -192,22 +213,23 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
             setting = g[(g[varying] == pd.Series(value, index=varying)).all(axis=1)] if varying else g
             label = ", ".join(f"{setting_label(c)} {_value(v)}" for c, v in zip(varying, value)) or "all runs"
             for i, metric in enumerate(metrics):
-                ax = axes[i][j]
+                ax = panels.ax(i, j)
                 for _, seed in setting.groupby("run"):
                     seed = seed.sort_values("step")
                     ax.plot(seed["step"], seed[metric], "-", color=color, lw=0.6, alpha=0.35)
                 mean = setting.groupby("step")[metric].mean()
                 ax.plot(mean.index, mean.to_numpy(), "-", color=color, lw=1.6, label=label if i == 0 else None)
-        axes[0][j].set_title(curve, fontsize=9)
-        axes[0][j].legend(fontsize=6)
-    fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each seed; "
-                 "thick, their mean", fontsize=9)
-    for i, metric in enumerate(metrics):
-        axes[i][0].set_ylabel(metric.removeprefix("val/").removeprefix("gold/"), fontsize=8)
-        for ax in axes[i]:
+        panels.ax(0, j).set_title(curve, fontsize=9)
+        panels.ax(0, j).legend(fontsize=6)
+        for i, metric in enumerate(metrics):
+            ax = panels.ax(i, j)
             ax.grid(alpha=0.3)
             ax.set_xlabel("step" if i == len(metrics) - 1 else "")
-    return fig
+            if panels.first_column(j):
+                ax.set_ylabel(metric.removeprefix("val/").removeprefix("gold/"), fontsize=8)
+    panels.fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each seed; "
+                 "thick, their mean", fontsize=9)
+    return panels.fig
 
 
 def curves_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
@@ -250,3 +272,49 @@ def diagnostics_plot(points: pd.DataFrame, path: Path, base_length: float | None
         ax.axis("off")
     axes[0][0].legend(fontsize=6)
     return _save(fig, path)
+
+
+STANDING_STYLE = {"best": ("o", "tab:red", "best"), "tied": ("o", "none", "not told apart from the best (paired 95%)"),
+                  "behind": ("s", "tab:blue", "behind the best (paired 95% interval excludes 0)"),
+                  "": ("o", "gray", "no paired comparison")}
+
+
+def at_targets_plot(table: pd.DataFrame, path: Path) -> Path | None:
+    """`at_targets_figure` saved to path; None for an empty table."""
+    if table.empty:
+        return None
+    fig = at_targets_figure(table)
+    rows = table.groupby("target").size().max()
+    return _save(fig, path, rect=(0, 0.4 / (0.2 * rows + 1.4), 1, 1))  # room for the legend below the panels
+
+
+def at_targets_figure(table: pd.DataFrame) -> plt.Figure:
+    """`prefopt.study.ranking.at_targets` as a forest plot: a panel per KL target, a row per curve (sorted, the
+    smallest gap on top), its gap to the frontier with the 95% t interval over seeds, the marker saying where the
+    paired, selection-aware comparison places it against the best; the dashed line is the best's gap."""
+    table = table.assign(standing=standing(table))
+    targets = sorted(table["target"].unique())
+    rows = table.groupby("target").size().max()
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.4 * len(targets) + 0.6, 0.2 * rows + 1.4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        g = table[table["target"] == target].sort_values("gap.mean", ascending=False)  # barh draws bottom-up
+        y = np.arange(len(g))
+        for state, (marker, face, label) in STANDING_STYLE.items():
+            on = (g["standing"] == state).to_numpy()
+            if on.any():
+                ax.errorbar(g["gap.mean"][on], y[on], xerr=g["gap.ci95"][on], fmt=marker, ms=4, capsize=1.5, lw=0.8,
+                            color="black" if face == "none" else face, mfc=face)
+        best = g[g["standing"] == "best"]
+        if len(best):
+            ax.axvline(float(best["gap.mean"].iloc[0]), color="tab:red", ls="--", lw=0.7)
+        tied = int((g["standing"] != "behind").sum())
+        ax.set_yticks(y, g["curve"], fontsize=6)
+        ax.set_ylim(-0.7, len(g) - 0.3)
+        ax.set_title(f"KL {target:g} nats: {tied} of {len(g)} not behind the best", fontsize=8)
+        ax.set_xlabel("gap to the frontier (95% CI)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    shown = [STANDING_STYLE[state] for state in STANDING_STYLE if (table["standing"] == state).any()]
+    handles = [plt.Line2D([], [], marker=m, ls="", color="black" if f == "none" else f, mfc=f) for m, f, _ in shown]
+    fig.legend(handles, [label for _, _, label in shown], loc="lower center", ncol=len(shown), fontsize=7,
+               frameon=False)
+    return fig

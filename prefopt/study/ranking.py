@@ -308,3 +308,20 @@ def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
                         r.update({"gap_vs_best_other.mean": obs[i], "gap_vs_best_other.lo": low[i],
                                   "gap_vs_best_other.hi": high[i], "seeds_compared": len(wide)})
     return pd.DataFrame(rows)
+
+
+def standing(table: pd.DataFrame) -> pd.Series:
+    """Each row of `at_targets` at its target: "best" (the smallest gap on the paired seeds), "tied" (its paired selection-aware
+    interval against the best includes 0: not told apart from it) or "behind" (the interval excludes 0); "" without
+    a paired comparison (one curve, or one seed)."""
+    out = pd.Series("", index=table.index, dtype=object)
+    if "gap_vs_best_other.lo" not in table:
+        return out
+    for _, rows in table.groupby("target"):
+        paired = rows[rows["gap_vs_best_other.lo"].notna()]
+        if paired.empty:
+            continue
+        best = paired["gap_vs_best_other.mean"].idxmin()  # the leader on the paired seeds (its value is negative)
+        out[paired.index] = np.where(paired["gap_vs_best_other.lo"] > 0, "behind", "tied")
+        out[best] = "best"
+    return out

@@ -240,6 +240,7 @@ def print_at_targets(table: pd.DataFrame) -> None:
         "target": table["target"], "curve": table["curve"], "knob": table["knob"].str.rsplit(".", n=1).str[-1] + "="
         + table["value"].map("{:g}".format), "KL": _pm(table["kl.mean"], table["kl.ci95"], 2),
         "gold reward": _pm(table["reward.mean"], table["reward.ci95"]), "gap": _pm(table["gap.mean"], table["gap.ci95"]),
+        "standing": rk.standing(table),
         "gap vs best other": _interval(table.get("gap_vs_best_other.mean", pd.Series(math.nan, index=table.index)),
                                        table.get("gap_vs_best_other.lo", pd.Series(math.nan, index=table.index)),
                                        table.get("gap_vs_best_other.hi", pd.Series(math.nan, index=table.index))),
@@ -282,7 +283,7 @@ def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd
     written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png", best_of_n),
                plots.gap_plot(points, out / "frontier_gap.png"),
                plots.sweep_plot(points, out / "beta_sweeps.png")]
-    if not history.empty and rk.REWARD in history:
+    if not history.empty and rk.REWARD in history and history.groupby("run")["step"].nunique().max() > 1:
         written.append(plots.curves_plot(history, rk.with_curves(runs), out / "curves.png"))
     from prefopt.gold.task import compositions
 
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("matched_kl", matched), ("ranking", ranked)):
         write_csv(table, out / f"{name}.csv")
     print_report(out, summary, matched, ranked)
+    targets_table = pd.DataFrame()
     if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
         calibration = pd.read_csv(out / "calibration.csv")
         targets_table = rk.at_targets(runs, calibration)
@@ -328,5 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     if not args.no_plots:
         written = write_plots(out, runs, summary, history, frontier, targets, best_of_n)
+        from prefopt.study.plots import at_targets_plot
+
+        written += [p for p in [at_targets_plot(targets_table, out / "at_targets.png")] if p is not None]
         print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

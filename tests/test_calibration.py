@@ -129,8 +129,9 @@ def test_a_calibrating_grid_searches_then_runs_every_seed_at_the_values_found(tm
 
 
 def test_the_catalog_grid_calibrates_every_registered_loss(capsys):
-    """experiments/grids/catalog.yaml lists each loss once (aliases aside; the on-policy RLOO is experiments/online's),
-    and its dry run lists every search.
+    """experiments/grids/catalog.yaml lists every loss (aliases aside; the on-policy RLOO is experiments/online's),
+    once along its own knob, and a few of them a second time along the learning rate (named <loss>_lr: their beta
+    did not move their KL into range), and its dry run lists every search.
     --no-check: the pre-flight parse of 50 variants' configs takes about a minute; every loss's config is parsed and
     run by tests/test_fit.py through its experiment file."""
     from prefopt.losses import LOSSES
@@ -138,7 +139,11 @@ def test_the_catalog_grid_calibrates_every_registered_loss(capsys):
 
     grid = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "grids" / "catalog.yaml")
     listed = [v["model.loss.name"] for v in grid.variants]
-    assert sorted(listed) == sorted({spec.name for spec in LOSSES.values() if not spec.on_policy})  # offline pairs
+    assert set(listed) == {spec.name for spec in LOSSES.values() if not spec.on_policy}  # offline pairs
+    again = [i for i, v in enumerate(grid.variants) if v.get("name", v["model.loss.name"]) != v["model.loss.name"]]
+    assert [grid.variants[i]["name"] for i in again] == [f"{grid.variants[i]['model.loss.name']}_lr" for i in again]
+    assert all(grid.knobs[i]["strength"] == "model.optimizer.init_args.lr" for i in again)
+    assert len(listed) == len(set(listed)) + len(again)  # no loss a third time, none twice otherwise
     assert grid.calibrate is not None and grid.calibrate.kl_targets == (0.25, 0.5, 1.0, 2.0, 4.0)
     assert grid.calibrate.seed not in grid.axes["seed_everything"] and len(grid.axes["seed_everything"]) == 5
     assert grid_cli.main(["--config", str(grid.path), "--dry-run", "--no-check", "--out", "/nonexistent/catalog"]) == 0

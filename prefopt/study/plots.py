@@ -227,8 +227,8 @@ def curves_figure(history: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
             ax.set_xlabel("step" if i == len(metrics) - 1 else "")
             if panels.first_column(j):
                 ax.set_ylabel(metric.removeprefix("val/").removeprefix("gold/"), fontsize=8)
-    panels.fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each seed; "
-                 "thick, their mean", fontsize=9)
+    panels.fig.suptitle("Validation metrics during training, one colour per hyperparameter value: thin lines, each "
+                        "seed; thick, their mean", fontsize=9)
     return panels.fig
 
 
@@ -284,8 +284,7 @@ def at_targets_plot(table: pd.DataFrame, path: Path) -> Path | None:
     if table.empty:
         return None
     fig = at_targets_figure(table)
-    rows = table.groupby("target").size().max()
-    return _save(fig, path, rect=(0, 0.4 / (0.2 * rows + 1.4), 1, 1))  # room for the legend below the panels
+    return _save(fig, path, rect=(0, 0.4 / fig.get_figheight(), 1, 1))  # 0.4 inch below the panels: the legend
 
 
 def at_targets_figure(table: pd.DataFrame) -> plt.Figure:
@@ -297,7 +296,7 @@ def at_targets_figure(table: pd.DataFrame) -> plt.Figure:
     rows = table.groupby("target").size().max()
     fig, axes = plt.subplots(1, len(targets), figsize=(3.4 * len(targets) + 0.6, 0.2 * rows + 1.4), squeeze=False)
     for ax, target in zip(axes[0], targets):
-        g = table[table["target"] == target].sort_values("gap.mean", ascending=False)  # barh draws bottom-up
+        g = table[table["target"] == target].sort_values("gap.mean", ascending=False)  # y = 0 is the bottom row
         y = np.arange(len(g))
         for state, (marker, face, label) in STANDING_STYLE.items():
             on = (g["standing"] == state).to_numpy()

@@ -311,9 +311,9 @@ def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
 
 
 def standing(table: pd.DataFrame) -> pd.Series:
-    """Each row of `at_targets` at its target: "best" (the smallest gap on the paired seeds), "tied" (its paired selection-aware
-    interval against the best includes 0: not told apart from it) or "behind" (the interval excludes 0); "" without
-    a paired comparison (one curve, or one seed)."""
+    """Each row of `at_targets` at its target: "best" (the smallest gap on the paired seeds), "tied" (its paired,
+    selection-aware interval against the best includes 0: not told apart from it) or "behind" (the interval excludes
+    0); "" without a paired comparison (one curve, or one seed)."""
     out = pd.Series("", index=table.index, dtype=object)
     if "gap_vs_best_other.lo" not in table:
         return out

@@ -277,7 +277,8 @@ def print_ranking(ranked: pd.DataFrame) -> None:
 
 
 def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd.DataFrame, frontier: pd.DataFrame,
-                targets: pd.DataFrame, best_of_n: pd.DataFrame | None = None) -> list[Path]:
+                targets: pd.DataFrame, best_of_n: pd.DataFrame | None = None,
+                at_targets: pd.DataFrame | None = None) -> list[Path]:
     from prefopt.study import plots
 
     written = [plots.frontier_plot(points, frontier, targets, out / "frontier.png", best_of_n),
@@ -289,7 +290,8 @@ def write_plots(out: Path, runs: pd.DataFrame, points: pd.DataFrame, history: pd
 
     comp = compositions()
     diagnostics = plots.diagnostics_plot(points, out / "diagnostics.png", float(np.exp(comp.log_prob) @ comp.length))
-    return written + ([diagnostics] if diagnostics is not None else [])
+    forest = plots.at_targets_plot(at_targets, out / "at_targets.png") if at_targets is not None else None
+    return written + [p for p in (diagnostics, forest) if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("matched_kl", matched), ("ranking", ranked)):
         write_csv(table, out / f"{name}.csv")
     print_report(out, summary, matched, ranked)
-    targets_table = pd.DataFrame()
+    targets_table = None
     if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
         calibration = pd.read_csv(out / "calibration.csv")
         targets_table = rk.at_targets(runs, calibration)
@@ -329,9 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nscenario: {scenario['claim']} ({scenario['source']})")
             print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     if not args.no_plots:
-        written = write_plots(out, runs, summary, history, frontier, targets, best_of_n)
-        from prefopt.study.plots import at_targets_plot
-
-        written += [p for p in [at_targets_plot(targets_table, out / "at_targets.png")] if p is not None]
+        written = write_plots(out, runs, summary, history, frontier, targets, best_of_n, targets_table)
         print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -104,3 +104,44 @@ def test_the_readme_notebook_command_runs(micro_results, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook draws its plots"
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"from {micro_results.resolve()}" in printed, printed
+
+
+@pytest.fixture(scope="module")
+def catalog_results(tmp_path_factory) -> Path:
+    """A calibrating results folder the size of a catalog's panels (14 curves, two targets, three seeds), from hand-made
+    run folders (as `tests/test_report.py` makes them) and the real report: no training."""
+    from prefopt.gold.task import frontier_point
+    from prefopt.study.tables import write_tables
+    from test_report import fake_run, gold_final
+
+    folder, dirs, calibration = tmp_path_factory.mktemp("catalog"), [], []
+    names = ["dpo"] + [f"loss{i:02d}" for i in range(1, 14)]
+    for i, name in enumerate(names):
+        for target, beta in ((0.5, 2.0), (1.0, 1.0)):
+            calibration.append({"variant": name, "target": target, "status": "reached", "key": "model.loss.beta",
+                                "value": beta})
+            for seed in range(3):
+                kl, reward = frontier_point(beta * 1.3)
+                final = gold_final(kl, reward - 0.01 * i - 0.02 * seed)
+                dirs.append(fake_run(folder / "runs", name, {"name": "dpo", "beta": beta}, seed, final))
+    pd.DataFrame(calibration).to_csv(folder / "calibration.csv", index=False)
+    write_tables(folder, dirs)
+    assert report.main([str(folder), "--no-plots"]) == 0
+    return folder
+
+
+def test_notebook_reads_a_calibrating_catalog(catalog_results, monkeypatch):
+    """Beyond ten curves (colours cycle, panels wrap) and with the at-targets tables: each of the 14 curves is a row of
+    the targets' table, dpo (the report's default baseline) is compared with the 13 others."""
+    monkeypatch.setenv("PREFOPT_RESULTS", str(catalog_results))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    path = ROOT / "analysis" / "compare_losses.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "gap minus dpo's, paired by seed" in text
+    table = next(o["data"]["text/plain"] for o in outputs if "best" in o.get("data", {}).get("text/plain", ""))
+    assert all(name in table for name in ("dpo", "loss01", "loss13"))

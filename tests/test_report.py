@@ -12,7 +12,7 @@ import pytest
 
 from prefopt.study import ranking as rk
 from prefopt.study import report
-from prefopt.study.tables import summarize, t_quantile, write_tables
+from prefopt.study.tables import summarize, t_pvalue, t_quantile, write_tables
 
 T_975_2DF = 4.302652729911275  # two-sided 95% Student-t quantile, 2 degrees of freedom (3 seeds)
 T_975_4DF = 2.7764451051977987  # 4 degrees of freedom (5 seeds)
@@ -356,6 +356,9 @@ def test_a_calibrating_grid_is_compared_at_its_targets_without_interpolation():
     assert table.loc["b", "gap_vs_best_other.mean"] == pytest.approx(-0.05)
     assert table.loc["a", "gap_vs_best_other.mean"] == pytest.approx(0.05)
     assert table.loc["a", "gap_vs_best_other.lo"] <= 0.05 <= table.loc["a", "gap_vs_best_other.hi"]
+    against = rk.at_targets(pd.DataFrame(rows), calibration, baseline="a").set_index("curve")
+    assert against.loc["b", "gap_vs_baseline.mean"] == pytest.approx(-0.05) and against.loc["b", "vs_baseline"] == "better"
+    assert pd.isna(against.loc["a", "vs_baseline"])  # the baseline is not compared with itself
 
 
 def test_standing_says_best_tied_or_behind_at_each_target_and_the_forest_plot_shows_it(tmp_path):
@@ -379,6 +382,45 @@ def test_standing_says_best_tied_or_behind_at_each_target_and_the_forest_plot_sh
     plt.close(fig)
     assert plots.at_targets_plot(table, tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.at_targets_plot(table.iloc[:0], tmp_path / "none.png") is None
+
+
+def test_t_pvalue_inverts_t_quantile():
+    """The t quantile's two-sided p is the level's complement; t = 0 gives 1, an infinite t 0."""
+    for n in (2, 3, 5, 10):
+        assert t_pvalue(t_quantile(n), n) == pytest.approx(0.05, abs=1e-12)
+        assert t_pvalue(-t_quantile(n, 0.99), n) == pytest.approx(0.01, abs=1e-12)
+    assert t_pvalue(0.0, 5) == 1.0 and t_pvalue(math.inf, 5) == 0.0 and math.isnan(t_pvalue(1.0, 1))
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+    """p sorted 0.005, 0.01, 0.03, 0.04 against 0.05/4, 0.05/3, 0.05/2, 0.05/1: the first two pass, 0.03 > 0.025
+    fails, so 0.04 is not rejected although it is below 0.05. p = 0.02, 0.03: both pass (0.025, then 0.05), where
+    Bonferroni (0.025 each) would keep 0.03. NaN (no comparison) is neither counted nor rejected."""
+    assert list(rk.holm([0.01, 0.04, 0.03, 0.005])) == [True, False, False, True]
+    assert list(rk.holm([0.03, 0.02])) == [True, True]
+    assert list(rk.holm([0.03, math.nan, 0.02])) == [True, False, True]
+    assert list(rk.holm([0.3, 0.2])) == [False, False]
+
+
+def test_each_curve_against_the_baseline_is_a_paired_t_interval_with_holm(capsys):
+    """Baseline a; b is a - 0.05 on every seed (no spread: p = 0, better); c differs from a by +0.01, -0.01, +0.03
+    (mean 0.01, s.d. 0.02 by hand: t = 0.01 / (0.02 / sqrt 3) = 0.866, p ~ 0.48, not resolved)."""
+    a = np.array([0.30, 0.32, 0.29])
+    wide = pd.DataFrame({"a": a, "b": a - 0.05, "c": a + [0.01, -0.01, 0.03]})
+    out = rk.vs_baseline(wide, "a")
+    assert set(out) == {"b", "c"}
+    assert out["b"]["gap_vs_baseline.mean"] == pytest.approx(-0.05) and out["b"]["vs_baseline"] == "better"
+    c = out["c"]
+    assert c["gap_vs_baseline.mean"] == pytest.approx(0.01)
+    assert c["gap_vs_baseline.hi"] - c["gap_vs_baseline.mean"] == pytest.approx(T_975_2DF * 0.02 / math.sqrt(3))
+    assert c["gap_vs_baseline.p"] == pytest.approx(t_pvalue(0.01 / (0.02 / math.sqrt(3)), 3))
+    assert 0.4 < c["gap_vs_baseline.p"] < 0.5 and c["vs_baseline"] == "not resolved"
+    table = pd.DataFrame({"target": [1.0] * 3, "curve": ["a", "b", "c"], "gap_vs_best_other.mean": [0.05, -0.05, 0.06],
+                          "gap_vs_best_other.lo": [0.04, -0.06, -0.01], "gap_vs_best_other.hi": [0.06, -0.04, 0.12],
+                          "baseline": [np.nan, "a", "a"], "vs_baseline": [np.nan, "better", "not resolved"]})
+    report.print_standings(table)
+    assert capsys.readouterr().out.strip() == ("KL 1: best b; not told apart from it: c; behind it: 1 of 3; "
+                                               "better than a (Holm): b; worse than a (Holm): none")
 
 
 def test_panels_wrap_beyond_twelve_curves():

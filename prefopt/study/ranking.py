@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from prefopt.study.tables import add_curves, curve_columns, group_columns, t_quantile
+from prefopt.study.tables import add_curves, curve_columns, group_columns, t_pvalue, t_quantile
 
 KL, REWARD, GAP = "val/gold/sampled_kl", "val/gold/gold_reward", "val/gold/frontier_gap"
 ACCURACY, MARGIN = "val/accuracy", "val/margin_nats"
@@ -282,12 +282,47 @@ def target_runs(runs: pd.DataFrame, calibration: pd.DataFrame) -> dict[tuple[flo
     return out
 
 
-def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> np.ndarray:
+    """Holm's step-down test: which of m hypotheses are rejected with the family-wise error held at `alpha` (the
+    smallest p against alpha / m, the next against alpha / (m - 1), ..., stopping at the first that fails)."""
+    p = np.asarray(pvalues, dtype=float)
+    rejected = np.zeros(len(p), dtype=bool)
+    order = [i for i in np.argsort(p, kind="stable") if not math.isnan(p[i])]
+    for rank, i in enumerate(order):
+        if p[i] > alpha / (len(order) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def vs_baseline(wide: pd.DataFrame, baseline: str) -> dict[str, dict[str, object]]:
+    """Each other column's gap minus the baseline's, paired by seed (rows): mean, 95% t interval, two-sided p, and
+    `vs_baseline`: "better"/"worse" where Holm's test across these comparisons resolves it at 5%, else "not resolved".
+    The baseline is named before the runs (not chosen on them), so a plain paired t interval is unbiased; Holm keeps
+    the chance of any false "better"/"worse" among the many comparisons of a catalog at 5%."""
+    others = [c for c in wide.columns if c != baseline]
+    diffs = wide[others].sub(wide[baseline], axis=0)
+    n, out = len(diffs), {}
+    mean, sd = diffs.mean(), diffs.std(ddof=1)
+    half = t_quantile(n) * sd / math.sqrt(n)
+    p = [t_pvalue(float(m / (s / math.sqrt(n))) if s > 0 else (0.0 if m == 0 else math.inf), n)
+         for m, s in zip(mean, sd)]
+    resolved = holm(p)
+    for i, c in enumerate(others):
+        verdict = ("worse" if mean[c] > 0 else "better") if resolved[i] else "not resolved"
+        out[c] = {"gap_vs_baseline.mean": mean[c], "gap_vs_baseline.lo": mean[c] - half[c],
+                  "gap_vs_baseline.hi": mean[c] + half[c], "gap_vs_baseline.p": p[i], "vs_baseline": verdict}
+    return out
+
+
+def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """A calibrating grid's comparison at its KL targets, without interpolation: per (target, curve), the runs at the
     knob value the calibration chose (`calibration.csv`, reached targets only), their KL, reward and frontier gap
     (mean and 95% t half-width over seeds), and `gap_vs_best_other`: this curve's gap minus the best other curve's at
     that target, paired by seed on the seeds all have, with a selection-aware interval (negative: this curve leads).
-    The gap, not the reward, is compared: it allows for the few percent by which the runs' KLs miss the target."""
+    `standing` says best, tied or behind (`standing`). With a `baseline` curve (named in advance, e.g. dpo), also
+    each curve against it (`vs_baseline`), where it reached the target. The gap, not the reward, is compared: it allows for the few percent by which the runs' KLs miss the
+    target."""
     runs_at, rows = target_runs(runs, calibration), []
     for target, chosen in calibration[calibration["status"] == "reached"].groupby("target"):
         gaps = {}
@@ -307,7 +342,12 @@ def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
                     if r["target"] == target and r["curve"] == name:
                         r.update({"gap_vs_best_other.mean": obs[i], "gap_vs_best_other.lo": low[i],
                                   "gap_vs_best_other.hi": high[i], "seeds_compared": len(wide)})
-    return pd.DataFrame(rows)
+            against = vs_baseline(wide, baseline) if baseline in wide.columns else {}
+            for r in rows:
+                if r["target"] == target and r["curve"] in against:
+                    r.update({"baseline": baseline, **against[r["curve"]]})
+    table = pd.DataFrame(rows)
+    return table.assign(standing=standing(table)) if len(table) else table
 
 
 def standing(table: pd.DataFrame) -> pd.Series:

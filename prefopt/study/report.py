@@ -241,11 +241,40 @@ def print_at_targets(table: pd.DataFrame) -> None:
         + table["value"].map("{:g}".format), "KL": _pm(table["kl.mean"], table["kl.ci95"], 2),
         "gold reward": _pm(table["reward.mean"], table["reward.ci95"]), "gap": _pm(table["gap.mean"], table["gap.ci95"]),
         "standing": rk.standing(table),
-        "gap vs best other": _interval(table.get("gap_vs_best_other.mean", pd.Series(math.nan, index=table.index)),
-                                       table.get("gap_vs_best_other.lo", pd.Series(math.nan, index=table.index)),
-                                       table.get("gap_vs_best_other.hi", pd.Series(math.nan, index=table.index))),
+        "gap vs best other": _interval(*(_column(table, f"gap_vs_best_other.{k}") for k in ("mean", "lo", "hi"))),
     })
+    if "baseline" in table and table["baseline"].notna().any():
+        name = table["baseline"].dropna().iloc[0]
+        view[f"gap vs {name} (Holm)"] = (_interval(*(_column(table, f"gap_vs_baseline.{k}") for k in ("mean", "lo", "hi")))
+                                         + " " + table["vs_baseline"].fillna("").astype(str)).str.strip()
     print(view.to_string(index=False))
+    print_standings(table)
+
+
+def _column(table: pd.DataFrame, name: str) -> pd.Series:
+    return table[name] if name in table else pd.Series(math.nan, index=table.index)
+
+
+def print_standings(table: pd.DataFrame) -> None:
+    """Per target, in one line each: the best curve, how many are not told apart from it, and against the baseline
+    the curves Holm's test resolves as better or worse (`prefopt.study.ranking.vs_baseline`)."""
+    standing = rk.standing(table)
+    if not standing.str.len().any():
+        return
+    print()
+    for target, rows in table.assign(standing=standing).groupby("target"):
+        best = rows.loc[rows["standing"] == "best", "curve"]
+        if best.empty:
+            continue
+        tied = sorted(rows.loc[rows["standing"] == "tied", "curve"])
+        line = (f"KL {target:g}: best {best.iloc[0]}; not told apart from it: {', '.join(tied) or 'none'}; "
+                f"behind it: {int((rows['standing'] == 'behind').sum())} of {len(rows)}")
+        if "vs_baseline" in rows and rows["vs_baseline"].notna().any():
+            name = rows["baseline"].dropna().iloc[0]
+            for verdict in ("better", "worse"):
+                names = sorted(rows.loc[rows["vs_baseline"] == verdict, "curve"])
+                line += f"; {verdict} than {name} (Holm): {', '.join(names) or 'none'}"
+        print(line)
 
 
 def print_ranking(ranked: pd.DataFrame) -> None:
@@ -299,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a grid's results folder, e.g. results/default")
     parser.add_argument("--kl", type=float, nargs="+", help="target KLs for the matched-KL table (default: a few "
                         "round values within the KLs the runs reached)")
+    parser.add_argument("--baseline", default="dpo", help="the curve every other is compared with at a calibrating "
+                        "grid's targets, paired by seed, Holm-corrected (default: dpo, where it is a curve)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     out = args.results
@@ -321,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     targets_table = None
     if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
         calibration = pd.read_csv(out / "calibration.csv")
-        targets_table = rk.at_targets(runs, calibration)
+        targets_table = rk.at_targets(runs, calibration, args.baseline)
         write_csv(targets_table, out / "at_targets.csv")
         print_at_targets(targets_table)
         scenario = read_scenario(out)

@@ -148,6 +148,13 @@ def t_quantile(n: int, level: float = 0.95) -> float:
     return math.sqrt(df) * math.tan((lo + hi) / 2)
 
 
+def t_pvalue(t: float, n: int) -> float:
+    """The two-sided p-value of a t statistic for a mean of n values (n - 1 degrees of freedom); NaN for n < 2."""
+    if n < 2 or math.isnan(t):
+        return math.nan
+    return max(0.0, 1.0 - _t_central_mass(math.atan(abs(t) / math.sqrt(n - 1)), n - 1))
+
+
 def _t_central_mass(theta: float, df: int) -> float:
     """P(|T| < t) for T ~ Student-t with integer df, t = sqrt(df) tan(theta) (Abramowitz and Stegun 26.7.3-4).
 

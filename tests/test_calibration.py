@@ -50,6 +50,26 @@ def test_a_kl_floor_is_reported_unreachable_with_the_closest_run():
     assert floor["kl"] == min(p.kl for p in points) and floor["value"] == min(p.x for p in points)
 
 
+def test_the_runs_overrule_a_declared_direction_that_the_kl_contradicts():
+    """RPO-like: the KL rises with beta (0.2 + 2 beta) though beta is declared to lower it. The first step goes the
+    declared way (beta 0.01: the KL falls toward its floor 0.2); every target above is then reached by stepping out
+    from the other end (before, the flat declared side made them all unreachable)."""
+    spec = CalibrationSpec(TARGETS, seed=100, runs_per_loss=10)
+    points, rows = search(lambda b: 0.2 + 2 * b, Knob("model.loss.beta", -1, 0.1), spec)
+    assert [p.x for p in points[:2]] == [0.1, 0.01]  # the declared direction first
+    assert [r["status"] for r in rows] == ["reached"] * 5 and len(points) <= 8
+
+
+def test_a_kl_minimum_is_unreachable_below_from_either_side():
+    """U-shaped (0.5 + ln(b)^2, least KL 0.5 at b = 1): the targets above the minimum are reached, 0.25 is reported
+    unreachable (both ends move the KL away from it), with the closest run."""
+    spec = CalibrationSpec(TARGETS, seed=100, runs_per_loss=12)
+    points, rows = search(lambda b: 0.5 + math.log(b) ** 2, Knob("model.loss.beta", -1, 0.1), spec)
+    status = {r["target"]: r["status"] for r in rows}
+    assert status == {0.25: "unreachable", 0.5: "reached", 1.0: "reached", 2.0: "reached", 4.0: "reached"}
+    assert next(r for r in rows if r["target"] == 0.25)["kl"] == min(p.kl for p in points)
+
+
 def test_the_end_of_a_valid_range_makes_a_target_unreachable():
     knob = Knob("model.loss.label_smoothing", -1, 0.1, low=0.0, high=0.5)  # KL = 0.5 / x: 1 at the bound
     points, rows = search(lambda x: 0.5 / x, knob, CalibrationSpec(TARGETS, seed=1))

@@ -16,9 +16,13 @@ The knob is the loss's `strength` metadata (`prefopt.losses.registry`), or the v
 dotted config key: the learning rate or the step budget) with its `strength_direction`. The search works in
 (log knob, log KL), where KL is near-linear for the losses here: it interpolates between the two runs that bracket a
 target, and steps toward a target no run brackets yet along the slope of the nearest two (at most `max_step` times the
-knob per step, at first a slope of 1). Every search step is a real run on the calibration seed whose metrics are kept.
-A target is unreachable when the knob is at its valid range's end, or when a full-size step toward it barely moved the
-KL (a floor or ceiling, as ORPO's SFT term makes); it is reported with the closest KL reached, never dropped. A search
+knob per step, at first a slope of 1). The declared direction is where the search starts; the runs decide after that:
+where a full-size step the declared way left the KL flat or moved it away from a target while the runs at the other
+end moved it toward it, the search steps out from that end (a loss whose KL rises with beta over part of its range).
+Every search step is a real run on the calibration seed whose metrics are kept. A target is unreachable when the knob
+is at its valid range's end, or when a full-size step toward it barely moved the KL and nothing at the other end moves
+it the right way (a floor or ceiling, as ORPO's SFT term makes); it is reported with the closest KL reached, never
+dropped. A search
 that spends its budget first says so. The functions here are pure: `prefopt.study.calibrated` runs them as grid runs.
 """
 
@@ -143,21 +147,31 @@ def target_status(points: list[Point], target: float, knob: Knob, spec: Calibrat
     # No bracket: every KL is on one side. Step from the run nearest the target, in the direction that moves KL to it.
     up = all(p.kl < target for p in ok)  # the KL must rise
     sign = knob.direction if up else -knob.direction  # +1: larger knob values
-    edge = ok[-1] if sign > 0 else ok[0]
+    edge, slope = (ok[-1] if sign > 0 else ok[0]), 1.0
     if len(ok) >= 2:
-        inner = ok[-2] if sign > 0 else ok[1]
-        moved = (math.log(edge.kl) - math.log(inner.kl)) * (1 if up else -1)  # > 0: that step got closer
-        stepped = abs(math.log(edge.x) - math.log(inner.x))
+        edge, moved, stepped = _outer_step(ok, sign, up)
         if moved < FLAT and stepped >= 0.99 * math.log(spec.max_step):
-            return "unreachable", None  # a full-size step toward the target barely moved the KL: a floor or ceiling
+            # A full-size step the declared way barely moved the KL, or moved it away: a floor or ceiling, unless the
+            # runs at the other end moved it toward the target (the knob acts the other way here): step from there.
+            other, moved, stepped = _outer_step(ok, -sign, up)
+            if moved < FLAT:
+                return "unreachable", None
+            sign, edge = -sign, other
         slope = moved / stepped if moved >= FLAT else 0.0  # a short step lost in the noise: take a full-size one
-    else:
-        slope = 1.0
     step = min(max(abs(tau - math.log(edge.kl)) / max(slope, 1e-9), MIN_STEP), math.log(spec.max_step))
     x = knob.round(knob.clamp(math.exp(math.log(edge.x) + sign * step)))
     if x == edge.x:  # the knob's valid range ends here
         return "unreachable", None
     return _new(x, points)
+
+
+def _outer_step(ok: list[Point], sign: int, up: bool) -> tuple[Point, float, float]:
+    """The outermost run on the `sign` side (+1: the largest knob value), how far the step out to it from its
+    neighbour moved log KL toward the target (`up`: the KL must rise; negative: away from it), and that step's size in
+    log knob."""
+    edge, inner = (ok[-1], ok[-2]) if sign > 0 else (ok[0], ok[1])
+    moved = (math.log(edge.kl) - math.log(inner.kl)) * (1 if up else -1)
+    return edge, moved, abs(math.log(edge.x) - math.log(inner.x))
 
 
 def _new(x: float, points: list[Point]) -> tuple[str, float | None]:

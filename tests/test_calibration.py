@@ -13,7 +13,7 @@ import pytest
 from micro_fixtures import micro_base, micro_model, micro_pairs  # noqa: F401  (fixtures)
 from test_grid import calls, run_grid, stub, write_grid  # noqa: F401  (stub: fixture)
 
-from prefopt.study.calibration import CalibrationSpec, Knob, Point, outcome, propose
+from prefopt.study.calibration import CalibrationSpec, Knob, Point, outcome, outcome_view, propose
 from prefopt.study.grid import GridError, load_grid
 
 TARGETS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -85,6 +85,23 @@ def test_a_spent_budget_and_failed_runs_are_said():
     failed = [Point(0.1, None, "r0")]  # the first run failed: its value would be proposed again, so the search stops
     assert propose(failed, Knob("model.loss.beta", -1, 0.1), spec) is None
     assert {r["status"] for r in outcome(failed, Knob("model.loss.beta", -1, 0.1), spec)} == {"unresolved"}
+
+
+def test_the_outcome_view_gives_each_variant_a_row_and_says_why_a_target_was_not_reached():
+    table = pd.DataFrame([
+        {"variant": "dpo", "search_runs": 4, "target": 0.5, "status": "reached", "key": "model.loss.beta", "value": 1.42,
+         "kl": 0.4948},
+        {"variant": "dpo", "search_runs": 4, "target": 4.0, "status": "reached", "key": "model.loss.beta", "value": 0.2,
+         "kl": 4.1},
+        {"variant": "orpo", "search_runs": 10, "target": 0.5, "status": "unreachable", "key": "model.loss.lam",
+         "value": 0.1, "kl": 0.227},
+        {"variant": "orpo", "search_runs": 10, "target": 4.0, "status": "budget", "key": "model.loss.lam", "value": 30.0,
+         "kl": 3.1},
+    ])
+    view = outcome_view(table)
+    assert list(view.index) == ["dpo", "orpo"] and list(view.columns) == ["KL 0.5", "KL 4", "runs"]
+    assert view.loc["dpo", "KL 0.5"] == "beta=1.42 (0.495)" and view.loc["orpo", "KL 0.5"] == "unreachable (0.227)"
+    assert view.loc["orpo", "KL 4"] == "budget (3.1)" and list(view["runs"]) == [4, 10]
 
 
 # ---------------------------------------------------------------------------------------------- grid files

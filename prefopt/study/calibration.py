@@ -31,7 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CALIBRATE_KEYS = {"kl_targets", "seed", "runs_per_loss", "tolerance", "metric", "max_step"}
 MIN_STEP = math.log(1.25)  # the smallest step in log knob when no run brackets a target
@@ -213,3 +216,20 @@ def outcome(points: list[Point], knob: Knob, spec: CalibrationSpec) -> list[dict
         rows.append({"target": target, "status": status, "key": knob.key, "value": best.x if best else None,
                      "kl": best.kl if best else None, "run": best.run if best else None})
     return rows
+
+
+def outcome_view(table: "pd.DataFrame") -> "pd.DataFrame":
+    """calibration.csv as one row per variant and a column per target: the knob value chosen and its KL on the
+    calibration seed where reached, else the status with the closest KL reached (what the report prints)."""
+    def cell(row: Any) -> str:
+        knob = str(row["key"]).rsplit(".", 1)[-1]
+        closest = "" if row["kl"] != row["kl"] else f"{row['kl']:.3g}"  # NaN: no run has a KL
+        if row["status"] == "reached":
+            return f"{knob}={row['value']:g} ({closest})"
+        return f"{row['status']} ({closest or 'no KL'})"
+
+    view = table.assign(cell=[cell(r) for _, r in table.iterrows()])
+    order = list(dict.fromkeys(table["variant"]))
+    out = view.pivot(index="variant", columns="target", values="cell").reindex(order)
+    out.columns = [f"KL {t:g}" for t in out.columns]
+    return out.assign(runs=table.groupby("variant")["search_runs"].first().reindex(order))

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from prefopt.study import ranking as rk
+from prefopt.study.calibration import outcome_view
 from prefopt.study.scenarios import read_scenario
 from prefopt.study.verdicts import VERDICTS_FILE, verdicts
 from prefopt.study.tables import write_csv
@@ -352,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     targets_table = None
     if (out / "calibration.csv").is_file():  # a calibrating grid: compare at its targets, where its runs landed
         calibration = pd.read_csv(out / "calibration.csv")
+        reached = (calibration["status"] == "reached").sum()
+        print(f"\nCalibration on its seed (calibration.csv): {reached} of {len(calibration)} (variant, target) reached; "
+              "value chosen (its KL), or why not (the closest KL reached):\n")
+        print(outcome_view(calibration).to_string())
         targets_table = rk.at_targets(runs, calibration, args.baseline)
         write_csv(targets_table, out / "at_targets.csv")
         print_at_targets(targets_table)

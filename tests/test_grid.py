@@ -147,6 +147,40 @@ def test_loss_keys_merge_into_the_base_loss(tmp_path, micro_base):
     assert f"--config={base}" in runs[0].overrides(load_grid(path).base)
 
 
+def test_a_base_file_is_parsed_once_per_version_and_handed_out_as_a_copy(tmp_path, micro_base):
+    """base_values caches each base file by its inode, size and mtime: an edit is seen, a caller's change is not."""
+    base = tmp_path / "extra.yaml"
+    base.write_text("model:\n  loss: {name: dpo, beta: 0.3}\n")
+    grid = load_grid(write_grid(tmp_path, {"base": [str(base)], "axes": {"seed": [0]}}))
+    first = grid_mod.base_values(grid)
+    assert first["model"]["loss"]["beta"] == 0.3
+    first["model"]["loss"]["beta"] = 99.0  # the caller's copy
+    assert grid_mod.base_values(grid)["model"]["loss"]["beta"] == 0.3
+    base.write_text("model:\n  loss: {name: dpo, beta: 0.75}\n")  # a new version of the file (written anew)
+    assert grid_mod.base_values(grid)["model"]["loss"]["beta"] == 0.75
+
+
+def test_the_tables_are_rewritten_after_a_run_only_when_due(tmp_path, micro_base):
+    """After a run the tables wait for TABLES_SHARE times their last write's time; a forced write (the start, the end,
+    a stop) always happens."""
+    from prefopt.study.runner import GridRunner
+
+    grid = load_grid(write_grid(tmp_path, {"axes": {"seed": [0]}}))
+    runner = GridRunner(grid, expand(grid), tmp_path / "out", workers=1)
+    run_dir = runner.run_dir(runner.runs[0])
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": run_dir.name, "seed": 0}))
+    runner._write_tables()
+    table = tmp_path / "out" / "runs.csv"
+    written = table.stat().st_mtime_ns
+    assert runner._tables_due > time.perf_counter()
+    runner._write_tables(when_due=True)
+    assert table.stat().st_mtime_ns == written, "not due yet: not rewritten"
+    runner._tables_due = 0.0
+    runner._write_tables(when_due=True)
+    assert table.stat().st_mtime_ns != written
+
+
 def test_short_names_and_values():
     keys = ["model.loss.beta", "model.optimizer.init_args.lr", "data.max_train_pairs", "a.beta"]
     assert grid_mod.short_name("model.optimizer.init_args.lr", keys) == "lr"
@@ -373,9 +407,12 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
                "--no-check"]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if (out / "runs.csv").exists() and (pd.read_csv(out / "runs.csv")["status"] == "ok").sum() >= 2:
-            break
+
+    def finished() -> set[str]:  # the run folders are the record (the tables follow them, at most 5% of the time)
+        runs = out / "runs"
+        return {d.name for d in runs.iterdir() if tables.run_status(d) == "ok"} if runs.is_dir() else set()
+
+    while time.time() < deadline and len(finished()) < 2:
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -383,7 +420,7 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
     for pid in {r["pid"] for r in calls(stub)}:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
             f"process {pid} outlived the grid"
-    finished_before = {r for r, s in pd.read_csv(out / "runs.csv")[["run", "status"]].values if s == "ok"}
+    finished_before = finished()
     assert 2 <= len(finished_before) < 6
     for table in out.glob("*.csv"):  # every table whole: it parses
         pd.read_csv(table)

@@ -24,6 +24,7 @@ A calibrating grid may state a claim and its predictions before it runs (`scenar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -184,8 +185,21 @@ def base_values(grid: Grid) -> dict[str, Any]:
 
     config: dict[str, Any] = {}
     for path in [*map(Path, base_config()), *grid.base]:
-        _merge(config, yaml.safe_load(path.read_text()) or {})
+        _merge(config, _yaml_file(Path(path)))
     return config
+
+
+_PARSED: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+
+
+def _yaml_file(path: Path) -> Any:
+    """A YAML file's content (a fresh copy), parsed once per version of the file: a calibrating grid expands its
+    runs one by one, each against the base config (parsing it each time cost a catalog's search rounds 9 s each)."""
+    stat = path.stat()
+    stamp, key = (stat.st_ino, stat.st_mtime_ns, stat.st_size), path.resolve()
+    if key not in _PARSED or _PARSED[key][0] != stamp:
+        _PARSED[key] = (stamp, yaml.safe_load(path.read_text()) or {})
+    return copy.deepcopy(_PARSED[key][1])
 
 
 def lookup(config: Mapping[str, Any], dotted: str) -> Any:

@@ -43,6 +43,8 @@ from prefopt.study.tables import (ERROR_FILE, METRICS_FILE, RUN_FILE, remove_sta
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in error.txt
 POLL_S = 0.2
 SAME_FAILURES = 3  # a grid whose first this-many finished runs all failed the same way stops
+TABLES_SHARE = 20  # the tables are rewritten after a run once 20x their last write's time has passed: <= 5% of the
+# controller's time (a 1,800-run catalog's tables take seconds to write, and a run ends every few seconds)
 
 
 def failure_line(tail: str, run_name: str) -> str:
@@ -119,6 +121,7 @@ class GridRunner:
         self.threads = max(1, default_workers() // self.workers) if launcher is None else max(1, int(launcher.num_cpus))
         self.commit = git_commit()
         self.tty = sys.stderr.isatty()
+        self._tables_due = 0.0  # when the tables may next be rewritten after a run (`_write_tables`)
 
     # ---------------------------------------------------------------- per-run files
     def run_dir(self, run: Run) -> Path:
@@ -255,7 +258,7 @@ class GridRunner:
                         continue
                     progress.done(result, time.perf_counter() - a.started, a.run.name)
                     outcomes.append((result, why, a.run))
-                    self._write_tables()
+                    self._write_tables(when_due=True)
                 if queue and self._all_failed_alike(outcomes):
                     self._stop(active)
                     why, first = outcomes[0][1], self.run_dir(outcomes[0][2])
@@ -267,6 +270,7 @@ class GridRunner:
             self._stop(active)
             progress.line("interrupted: run the same command again to resume", final=True)
             return 130
+        self._write_tables()
         progress.line(f"finished: {progress.ok} ok, {progress.failed} failed; tables in {self.out}", final=True)
         self._log_invocation(progress, env["PREFOPT_CACHE"], load)
         return 0 if progress.failed == 0 else 1
@@ -299,8 +303,15 @@ class GridRunner:
                     "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(log, indent=2)))
 
-    def _write_tables(self) -> None:
+    def _write_tables(self, when_due: bool = False) -> None:
+        """Write the grid's tables (always, unless `when_due`: only once TABLES_SHARE times the last write's time has
+        passed since it; the run folders are the record, and every invocation rewrites the tables as it ends)."""
+        now = time.perf_counter()
+        if when_due and now < self._tables_due:
+            return
         write_tables(self.out, [self.run_dir(r) for r in self.runs])
+        done = time.perf_counter()
+        self._tables_due = done + TABLES_SHARE * (done - now)
 
     def _prepare_cache(self, todo: list[Run]) -> None:
         """Build the built-in task's reference once, here, rather than in several workers at the same time."""

@@ -14,6 +14,7 @@ validation metrics by name (`val/gold/gold_reward`) and those at the best monito
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -133,6 +135,7 @@ def history_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- summary
+@functools.lru_cache(maxsize=None)
 def t_quantile(n: int, level: float = 0.95) -> float:
     """The two-sided `level` Student-t quantile for a mean of n values (n - 1 degrees of freedom); NaN for n < 2.
 
@@ -233,23 +236,37 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1) and 95% t confidence half-width across seeds, per setting (ok runs only).
 
-    Columns: the group columns, n (seeds), seeds, then `<metric>.mean`, `<metric>.std`, `<metric>.ci95`.
+    Columns: the group columns, n (seeds), seeds, then `<metric>.mean`, `<metric>.std`, `<metric>.ci95`. Vectorized
+    over settings and metrics (the grid rewrites this table as its runs finish: a per-cell loop took 18 s at 477 runs).
     """
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     keys, metrics = ["curve", *group_columns(runs)] if "curve" in runs else group_columns(runs), metric_columns(ok)
-    rows = []
-    for values, group in ok.groupby(keys, dropna=False, sort=False):
-        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-        row["n"] = len(group)
-        row["seeds"] = " ".join(str(s) for s in sorted(group["seed"].tolist()))
-        for m in metrics:
-            x = group[m].dropna().astype(float)
-            std = float(x.std(ddof=1)) if len(x) > 1 else math.nan
-            row[f"{m}.mean"], row[f"{m}.std"] = float(x.mean()) if len(x) else math.nan, std
-            row[f"{m}.ci95"] = t_quantile(len(x)) * std / math.sqrt(len(x)) if len(x) > 1 else math.nan
-        rows.append(row)
     stats = [f"{m}.{s}" for m in metrics for s in ("mean", "std", "ci95")]
-    return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *stats])
+    if ok.empty:
+        return pd.DataFrame(columns=[*keys, "n", "seeds", *stats])
+    groups = ok.groupby(keys, dropna=False, sort=False).indices  # {setting: row positions}, in order of appearance
+    values = ok[metrics].to_numpy(dtype=float)  # (runs, metrics); NaN: a metric a run does not have
+    heads, blocks = [], []
+    for setting, rows in groups.items():
+        heads.append((*(setting if isinstance(setting, tuple) else (setting,)), len(rows),
+                      " ".join(str(v) for v in sorted(ok["seed"].iloc[rows].tolist()))))
+        blocks.append(_mean_std_ci95(values[rows]))
+    head = pd.DataFrame(heads, columns=[*keys, "n", "seeds"])
+    table = pd.DataFrame(np.stack(blocks) if blocks else np.empty((0, 3 * len(metrics))), columns=stats)
+    return pd.concat([head, table], axis=1)
+
+
+def _mean_std_ci95(x: np.ndarray) -> np.ndarray:
+    """Per column of x (seeds, metrics), skipping NaN: mean, s.d. (ddof 1) and 95% t half-width, interleaved. Two
+    passes in row order, as pandas' Series.mean and .std compute them, so the tables keep their digits."""
+    missing = np.isnan(x)
+    n = (~missing).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(missing, 0.0, x).sum(0) / n
+        std = np.sqrt(np.where(missing, 0.0, (mean - x) ** 2).sum(0) / (n - 1))
+        std[n < 2] = np.nan
+        half = np.array([t_quantile(int(k)) if k > 1 else np.nan for k in n]) * std / np.sqrt(n)
+    return np.stack([mean, std, half], axis=1).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- writing

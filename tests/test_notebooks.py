@@ -118,10 +118,10 @@ def catalog_results(tmp_path_factory) -> Path:
     names = ["dpo"] + [f"loss{i:02d}" for i in range(1, 14)]
     for i, name in enumerate(names):
         for target, beta in ((0.5, 2.0), (1.0, 1.0)):
-            calibration.append({"variant": name, "target": target, "status": "reached", "key": "model.loss.beta",
-                                "value": beta})
+            kl, reward = frontier_point(beta * 1.3)
+            calibration.append({"variant": name, "search_runs": 4, "target": target, "status": "reached",
+                                "key": "model.loss.beta", "value": beta, "kl": kl, "run": f"{name}_beta{beta:g}_seed100"})
             for seed in range(3):
-                kl, reward = frontier_point(beta * 1.3)
                 final = gold_final(kl, reward - 0.01 * i - 0.02 * seed)
                 dirs.append(fake_run(folder / "runs", name, {"name": "dpo", "beta": beta}, seed, final))
     pd.DataFrame(calibration).to_csv(folder / "calibration.csv", index=False)

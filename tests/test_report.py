@@ -394,6 +394,9 @@ def test_standing_says_best_tied_or_behind_at_each_target_and_the_forest_plot_sh
                           "gap_vs_best_other.lo": [0.03, -0.04, -0.01, np.nan],
                           "gap_vs_best_other.hi": [0.07, 0.01, 0.05, np.nan]})
     assert list(rk.standing(table)) == ["behind", "best", "tied", ""]
+    read_back = table.assign(standing=["behind", "best", "tied", np.nan])  # at_targets.csv read: "" comes back NaN
+    assert list(rk.standing_of(read_back)) == ["behind", "best", "tied", ""]
+    assert list(rk.standing_of(read_back.assign(standing="tied"))) == ["tied"] * 4  # the column is read, not redone
     fig = plots.at_targets_figure(table)
     one, two = fig.axes
     assert one.get_title() == "KL 1 nats: 2 of 3 not behind the best" and two.get_title().startswith("KL 2 nats")

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prefopt.study.ranking import ACCURACY, GAP, KL, MARGIN, REWARD, standing  # noqa: E402
+from prefopt.study.ranking import ACCURACY, GAP, KL, MARGIN, REWARD, standing_of  # noqa: E402
 from prefopt.study.tables import write_atomic  # noqa: E402
 
 
@@ -291,7 +291,7 @@ def at_targets_figure(table: pd.DataFrame) -> plt.Figure:
     """`prefopt.study.ranking.at_targets` as a forest plot: a panel per KL target, a row per curve (sorted, the
     smallest gap on top), its gap to the frontier with the 95% t interval over seeds, the marker saying where the
     paired, selection-aware comparison places it against the best; the dashed line is the best's gap."""
-    table = table.assign(standing=standing(table))
+    table = table.assign(standing=standing_of(table))
     targets = sorted(table["target"].unique())
     rows = table.groupby("target").size().max()
     fig, axes = plt.subplots(1, len(targets), figsize=(3.4 * len(targets) + 0.6, 0.2 * rows + 1.4), squeeze=False)

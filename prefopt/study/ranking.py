@@ -321,31 +321,28 @@ def at_targets(runs: pd.DataFrame, calibration: pd.DataFrame, baseline: str | No
     (mean and 95% t half-width over seeds), and `gap_vs_best_other`: this curve's gap minus the best other curve's at
     that target, paired by seed on the seeds all have, with a selection-aware interval (negative: this curve leads).
     `standing` says best, tied or behind (`standing`). With a `baseline` curve (named in advance, e.g. dpo), also
-    each curve against it (`vs_baseline`), where it reached the target. The gap, not the reward, is compared: it allows for the few percent by which the runs' KLs miss the
-    target."""
+    each curve against it (`vs_baseline`), where it reached the target. The gap, not the reward, is compared: it
+    allows for the few percent by which the runs' KLs miss the target."""
     runs_at, rows = target_runs(runs, calibration), []
     for target, chosen in calibration[calibration["status"] == "reached"].groupby("target"):
-        gaps = {}
+        gaps, here = {}, {}
         for _, c in chosen.iterrows():
             column = str(c["key"]).replace("model.loss.", "loss.", 1)
             at = runs_at[float(target), c["variant"]]
             gaps[c["variant"]] = at.set_index("seed")[GAP]
-            row = {"target": target, "curve": c["variant"], "knob": column, "value": c["value"]}
+            row = here[c["variant"]] = {"target": target, "curve": c["variant"], "knob": column, "value": c["value"]}
             for name, metric in (("kl", KL), ("reward", REWARD), ("gap", GAP)):
                 row["n"], row[f"{name}.mean"], _, row[f"{name}.ci95"] = _stats(at[metric])
-            rows.append(row)
         wide = pd.DataFrame(gaps).dropna()
         if wide.shape[1] > 1 and len(wide) > 1:
             obs, _, low, high = selection_aware(wide.to_numpy(), minus_best_other)  # the smallest gap is the best
-            for i, name in enumerate(wide.columns):
-                for r in rows:
-                    if r["target"] == target and r["curve"] == name:
-                        r.update({"gap_vs_best_other.mean": obs[i], "gap_vs_best_other.lo": low[i],
-                                  "gap_vs_best_other.hi": high[i], "seeds_compared": len(wide)})
             against = vs_baseline(wide, baseline) if baseline in wide.columns else {}
-            for r in rows:
-                if r["target"] == target and r["curve"] in against:
-                    r.update({"baseline": baseline, **against[r["curve"]]})
+            for i, name in enumerate(wide.columns):
+                here[name].update({"gap_vs_best_other.mean": obs[i], "gap_vs_best_other.lo": low[i],
+                                   "gap_vs_best_other.hi": high[i], "seeds_compared": len(wide)})
+                if name in against:
+                    here[name].update({"baseline": baseline, **against[name]})
+        rows += here.values()
     table = pd.DataFrame(rows)
     return table.assign(standing=standing(table)) if len(table) else table
 
@@ -365,3 +362,9 @@ def standing(table: pd.DataFrame) -> pd.Series:
         out[paired.index] = np.where(paired["gap_vs_best_other.lo"] > 0, "behind", "tied")
         out[best] = "best"
     return out
+
+
+def standing_of(table: pd.DataFrame) -> pd.Series:
+    """The `standing` column of an `at_targets` table ("" where a CSV read left it empty), or `standing` computed
+    for a table without one."""
+    return table["standing"].fillna("").astype(str) if "standing" in table else standing(table)

@@ -241,7 +241,7 @@ def print_at_targets(table: pd.DataFrame) -> None:
         "target": table["target"], "curve": table["curve"], "knob": table["knob"].str.rsplit(".", n=1).str[-1] + "="
         + table["value"].map("{:g}".format), "KL": _pm(table["kl.mean"], table["kl.ci95"], 2),
         "gold reward": _pm(table["reward.mean"], table["reward.ci95"]), "gap": _pm(table["gap.mean"], table["gap.ci95"]),
-        "standing": rk.standing(table),
+        "standing": rk.standing_of(table),
         "gap vs best other": _interval(*(_column(table, f"gap_vs_best_other.{k}") for k in ("mean", "lo", "hi"))),
     })
     if "baseline" in table and table["baseline"].notna().any():
@@ -259,7 +259,7 @@ def _column(table: pd.DataFrame, name: str) -> pd.Series:
 def print_standings(table: pd.DataFrame) -> None:
     """Per target, in one line each: the best curve, how many are not told apart from it, and against the baseline
     the curves Holm's test resolves as better or worse (`prefopt.study.ranking.vs_baseline`)."""
-    standing = rk.standing(table)
+    standing = rk.standing_of(table)
     if not standing.str.len().any():
         return
     print()

@@ -433,6 +433,40 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_a_grid_stopped_by_kill_or_ctrl_c_ends_cleanly_and_logs_the_invocation(tmp_path, stub, monkeypatch, signum):
+    """SIGTERM (`kill <pid>`, the way to stop a grid started in the background, which ignores SIGINT) and SIGINT
+    both stop the grid: exit 130, no run left running, the tables whole and the invocation in grid.json as
+    interrupted; the same command then finishes the rest without running a finished run again."""
+    if signum == signal.SIGINT and "PREFOPT_GRID_FIT_FUNCTION" not in os.environ:
+        pytest.skip("Ctrl-C is the path the other tests of the runner already take; one runner mode is enough")
+    monkeypatch.setenv("STUB_SLEEP", "0.7")
+    path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
+               "--no-check"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(calls(stub)) < 2:
+        time.sleep(0.1)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted: run the same command again to resume" in err
+    time.sleep(0.5)
+    for pid in {r["pid"] for r in calls(stub)}:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
+            f"process {pid} outlived the grid"
+    log = json.loads((out / "grid.json").read_text())
+    assert [entry["ended"] for entry in log] == ["interrupted"] and log[0]["ok"] < 6
+    finished_before = {n for n in pd.read_csv(out / "runs.csv").query("status == 'ok'")["run"]}
+    assert run_grid(path, out) == 0
+    assert [entry["ended"] for entry in json.loads((out / "grid.json").read_text())] == ["interrupted", "finished"]
+    starts = [r["run"] for r in calls(stub)]
+    assert all(starts.count(r) == 1 for r in finished_before), "a finished run was run again"
+    assert set(pd.read_csv(out / "runs.csv")["status"]) == {"ok"}
+
+
 def test_workers_run_many_runs_each_and_survive_a_failed_run(tmp_path, stub, monkeypatch):
     """A worker runs run after run in one process; an exception or sys.exit fails that run only, and a run that
     kills its worker (a crash) fails alone: the next run gets a new worker. Each run's output is in its own logs."""

@@ -14,6 +14,9 @@
   the pairs of each seed and the reference log-probs are computed once and shared by every run (and later grids).
 - On Linux a run dies with the grid (PR_SET_PDEATHSIG), so a grid killed with kill -9 leaves no orphan writing
   into its folder; the tables are rewritten atomically after every run (`prefopt.study.tables`).
+- Ctrl-C or `kill <pid>` (SIGTERM) stops it cleanly: the running runs end (they resume from their checkpoints), the
+  tables are written and the invocation is logged in grid.json as interrupted. A grid started in the background by
+  a script ignores SIGINT (the shell sets that), so `kill` is the way to stop one.
 
 The fit command is `python -m prefopt fit`; PREFOPT_GRID_FIT_COMMAND replaces it (a shell-quoted command line; runs
 then get a process each), and PREFOPT_GRID_FIT_FUNCTION replaces the workers' `prefopt.cli.main`: how the tests run
@@ -22,6 +25,7 @@ grids of stub runs in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -30,7 +34,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -93,6 +99,23 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM raises KeyboardInterrupt, so `kill <pid>` stops a grid as Ctrl-C does (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -211,7 +234,8 @@ class GridRunner:
     def run(self) -> int:
         """Run every run that is not complete; returns 0 if all are complete at the end, else 1."""
         try:
-            return self._run()
+            with sigterm_interrupts():
+                return self._run()
         finally:
             if self.own_pool:
                 self.pool.close()
@@ -236,13 +260,13 @@ class GridRunner:
             progress.line(f"all {len(self.runs)} runs of {self.grid.name} are complete in {self.out}", final=True)
             return 0
         env, load = self.environment(), os.getloadavg()[0]
-        self.start_workers(min(self.workers, len(todo)))
-        self._prepare_cache(todo)
-        how = "worker processes" if self.pooled else ("Ray tasks" if self.launcher else "a process per run")
-        print(f"grid {self.grid.name}: {len(todo)} runs to do into {self.out}; {self.workers} workers x "
-              f"{self.threads} threads ({how}); cache {env['PREFOPT_CACHE']}", file=sys.stderr)
         queue, active, retried, outcomes = list(todo), [], set(), []
         try:
+            self.start_workers(min(self.workers, len(todo)))
+            self._prepare_cache(todo)
+            how = "worker processes" if self.pooled else ("Ray tasks" if self.launcher else "a process per run")
+            print(f"grid {self.grid.name}: {len(todo)} runs to do into {self.out}; {self.workers} workers x "
+                  f"{self.threads} threads ({how}); cache {env['PREFOPT_CACHE']}", file=sys.stderr)
             while queue or active:
                 while queue and len(active) < self.workers:
                     active.append(self._start(queue.pop(0), env))
@@ -264,15 +288,16 @@ class GridRunner:
                     why, first = outcomes[0][1], self.run_dir(outcomes[0][2])
                     progress.line(f"stopped: the first {len(outcomes)} runs all failed with\n  {why}\nsee "
                                   f"{first / ERROR_FILE}; fix it, then run the same command again", final=True)
-                    self._log_invocation(progress, env["PREFOPT_CACHE"], load)
+                    self._log_invocation(progress, env["PREFOPT_CACHE"], load, "stopped: the first runs all failed")
                     return 1
         except KeyboardInterrupt:
             self._stop(active)
             progress.line("interrupted: run the same command again to resume", final=True)
+            self._log_invocation(progress, env["PREFOPT_CACHE"], load, "interrupted")
             return 130
         self._write_tables()
         progress.line(f"finished: {progress.ok} ok, {progress.failed} failed; tables in {self.out}", final=True)
-        self._log_invocation(progress, env["PREFOPT_CACHE"], load)
+        self._log_invocation(progress, env["PREFOPT_CACHE"], load, "finished")
         return 0 if progress.failed == 0 else 1
 
     @staticmethod
@@ -290,8 +315,9 @@ class GridRunner:
             a.stderr.close()
         self._write_tables()
 
-    def _log_invocation(self, progress: Progress, cache: str, load_start: float) -> None:
-        """Append this invocation's wall time and conditions to <out>/grid.json (the grid's timing record)."""
+    def _log_invocation(self, progress: Progress, cache: str, load_start: float, ended: str) -> None:
+        """Append this invocation's wall time, conditions and how it `ended` (finished, interrupted, stopped) to
+        <out>/grid.json (the grid's timing record)."""
         path = self.out / "grid.json"
         log = json.loads(path.read_text()) if path.is_file() else []
         log.append({"grid": self.grid.name, "runs": len(self.runs), "ran": progress.ok + progress.failed,
@@ -300,7 +326,7 @@ class GridRunner:
                     "processes": "workers" if self.pooled else "ray" if self.launcher else "per run",
                     "git_commit": self.commit,
                     "load_start": load_start, "load_end": os.getloadavg()[0], "fixed": self.grid.fixed,
-                    "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+                    "ended": ended, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(log, indent=2)))
 
     def _write_tables(self, when_due: bool = False) -> None:

@@ -182,8 +182,10 @@ class Worker:
         return line
 
     def kill(self) -> None:
+        """SIGKILL: a run's fit takes SIGTERM as Lightning's request to end the run, after which the worker would
+        wait for its next run; the run resumes from its last checkpoint next time either way."""
         if self.alive:
-            self.process.terminate()
+            self.process.kill()
 
     def close(self) -> None:
         if self.alive:

@@ -216,6 +216,28 @@ def test_discopop_is_monotone_away_from_zero() -> None:
     assert bool((lp.policy_chosen_logps.grad < 0).all()) and bool((lp.policy_rejected_logps.grad > 0).all())
 
 
+def test_discopop_descends_from_the_reference_into_a_reversed_local_minimum() -> None:
+    """At h = 0, m = 1/2 and m' = 1/(4 tau): dL/dh = beta ((1/2)(-1/2) + (1/2)(-1) + (1 - ln 2)/(4 tau)) = beta
+    (-3/4 + (1 - ln 2)/(4 tau)) = 0.7843 beta at tau = 0.05, so descent lowers the margin first; the slope in z = beta h
+    changes sign back at z* = -0.1186 (bisection on the autograd slope): a local minimum at a reversed margin."""
+    beta, tau = 0.5, 0.05
+
+    def slope(z: float) -> float:
+        lp = init_pairs()  # policy = reference: h = 0 in every pair; then h = z / beta
+        chosen = (lp.ref_chosen_logps + z / beta).requires_grad_()
+        LossConfig("discopop", beta=beta, tau=tau)(lp.replace(policy_chosen_logps=chosen)).mean().backward()
+        return float(chosen.grad.sum()) / beta  # dL/dz, L the batch mean
+
+    assert slope(0.0) == pytest.approx(-0.75 + (1 - LN2) / (4 * tau), rel=1e-9)
+    assert slope(0.0) == pytest.approx(0.7843, abs=1e-4)
+    low, high = -0.3, 0.0  # slope < 0 at -0.3 (the logistic side), > 0 at 0
+    assert slope(low) < 0 < slope(high)
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if slope(mid) < 0 else (low, mid)
+    assert low == pytest.approx(-0.1186, abs=1e-4)
+
+
 # ---------------------------------------------------------------- identities
 def _same(a: LossConfig, b: LossConfig, lp: PairLogps | None = None) -> None:
     lp = lp or hand_pairs()

@@ -203,7 +203,9 @@ def discopop(lp: PairLogps, *, beta: Positive = 0.1, tau: Positive = 0.05) -> Te
     """Log-ratio modulated loss: blends the logistic (DPO) and exponential losses by sigmoid(beta h / tau).
 
     m exp(-beta h) is computed as exp(-beta h + log m), which stays finite where m underflows (beta h << 0).
-    tau = 0.05 is the discovered loss's constant.
+    tau = 0.05 is the discovered loss's constant. Its slope at the reference (h = 0) is beta (-3/4 + (1 - ln 2) /
+    (4 tau)), positive for tau < 0.102: descent first lowers the margin, into a local minimum at beta h = -0.119
+    (tau 0.05), h = -0.119 / beta, a reversed preference (what it does on the built-in task: results/README.md).
     """
     z = beta * lp.margins()  # (B,)
     m = torch.sigmoid(z / tau)

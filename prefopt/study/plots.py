@@ -137,7 +137,9 @@ def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
     if (x > 0).all() and x.max() / x.min() > 5:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # label the swept values only
-    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.set_xticks(x, [f"{v:.3g}" for v in x])
+    if len(np.unique(x)) > 3:  # a calibrated sweep's values crowd each other (1.65e-05, 2.56e-05, ...)
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     ax.set_xlabel(setting_label(param))
     return x
 

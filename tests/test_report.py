@@ -446,6 +446,29 @@ def test_each_curve_against_the_baseline_is_a_paired_t_interval_with_holm(capsys
                                                "better than a (Holm): b; worse than a (Holm): none")
 
 
+def test_the_targets_grid_marks_best_tied_and_the_baseline_verdicts(capsys, tmp_path):
+    """One row per curve, one column per target; b leads at KL 1 (*), c is tied (=) and worse than a (-); at KL 2
+    only a and b: b leads, a is behind (no mark). Rows in order of mean rank by gap: b (1, 1), c (2), a (3, 2)."""
+    table = pd.DataFrame({"target": [1.0, 1.0, 1.0, 2.0, 2.0], "curve": ["a", "b", "c", "a", "b"],
+                          "gap.mean": [0.30, 0.25, 0.27, 0.40, 0.35],
+                          "standing": ["behind", "best", "tied", "behind", "best"],
+                          "baseline": [np.nan, "a", "a", np.nan, "a"],
+                          "vs_baseline": [np.nan, "not resolved", "worse", np.nan, "better"]})
+    table.to_csv(tmp_path / "at_targets.csv", index=False)
+    report.print_at_targets_grid(pd.read_csv(tmp_path / "at_targets.csv"))  # as the notebook reads it back
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "Gap to the frontier at each target (* best, = not told apart from the best, +/- better/worse " \
+                       "than a (Holm); blank: target not reached):"
+    assert [line.split() for line in lines[-3:]] == [["b", "0.250*", "0.350*+"], ["c", "0.270=-"], ["a", "0.300", "0.400"]]
+
+
+def test_a_folder_without_tables_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tmp_path)])
+    assert str(exit_.value) == f"error: {tmp_path}: no runs.csv, not a grid's results folder (python -m prefopt grid " \
+                               "writes one)"
+
+
 def test_panels_wrap_beyond_twelve_curves():
     """The catalog's 53 losses: 12 columns a block, a block of metric rows per 12 curves, the unused panels off."""
     import matplotlib.pyplot as plt

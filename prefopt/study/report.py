@@ -44,6 +44,8 @@ FRONTIER_B = np.geomspace(0.002, 500.0, 300)  # from (almost) the maximal reward
 def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, summary, history) of a results folder."""
     parquet = folder / "runs.parquet"
+    if not parquet.is_file() and not (folder / "runs.csv").is_file():
+        raise SystemExit(f"error: {folder}: no runs.csv, not a grid's results folder (python -m prefopt grid writes one)")
     runs = pd.read_parquet(parquet) if parquet.is_file() else pd.read_csv(folder / "runs.csv")
     summary = pd.read_csv(folder / "summary.csv")
     history_path = folder / "history.csv"
@@ -252,6 +254,26 @@ def print_at_targets(table: pd.DataFrame) -> None:
     print_standings(table)
 
 
+def print_at_targets_grid(table: pd.DataFrame) -> None:
+    """The same comparison as one row per curve and one column per target: the gap to the frontier, marked * (the
+    best), = (not told apart from it) and +/- (better/worse than the baseline after Holm); curves in order of their
+    mean rank by gap over the targets they reached."""
+    if table.empty or table["curve"].nunique() < 2:
+        return
+    standing, verdict = rk.standing_of(table), _column(table, "vs_baseline").fillna("")
+    cell = (table["gap.mean"].map("{:.3f}".format) + standing.map({"best": "*", "tied": "="}).fillna("")
+            + verdict.map({"better": "+", "worse": "-"}).fillna(""))
+    rank = table.groupby("target")["gap.mean"].rank()
+    grid = pd.DataFrame({"curve": table["curve"], "target": table["target"], "cell": cell})
+    grid = grid.pivot(index="curve", columns="target", values="cell").fillna("")
+    grid = grid.loc[rank.groupby(table["curve"]).mean().sort_values().index]
+    grid.columns = [f"KL {t:g}" for t in grid.columns]
+    name = table["baseline"].dropna().iloc[0] if "baseline" in table and table["baseline"].notna().any() else None
+    print("\nGap to the frontier at each target (* best, = not told apart from the best"
+          + (f", +/- better/worse than {name} (Holm)" if name else "") + "; blank: target not reached):\n")
+    print(grid.to_string())
+
+
 def _column(table: pd.DataFrame, name: str) -> pd.Series:
     return table[name] if name in table else pd.Series(math.nan, index=table.index)
 
@@ -360,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         targets_table = rk.at_targets(runs, calibration, args.baseline)
         write_csv(targets_table, out / "at_targets.csv")
         print_at_targets(targets_table)
+        print_at_targets_grid(targets_table)
         scenario = read_scenario(out)
         if scenario is not None:  # the predictions written before the runs, and what the runs say
             table = verdicts(runs, calibration, scenario)

@@ -445,7 +445,10 @@ def test_a_grid_stopped_by_kill_or_ctrl_c_ends_cleanly_and_logs_the_invocation(t
     out = tmp_path / "out"
     command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
                "--no-check"]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's SIGINT acts only where it is not ignored at start: pytest-xdist's workers ignore it, and a child
+    # inherits that (as a grid started in the background by a script does), so this child gets the default back.
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if signum == signal.SIGINT else None
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.time() + 120
     while time.time() < deadline and len(calls(stub)) < 2:
         time.sleep(0.1)

@@ -131,7 +131,9 @@ class _Panels:
 
 
 def _param_axis(ax: plt.Axes, g: pd.DataFrame, param: str | None) -> np.ndarray:
-    if param is None:
+    if param is None:  # nothing varies along the curve (one setting): no axis to label
+        ax.set_xticks([])
+        ax.set_xlabel("one setting")
         return np.arange(len(g), dtype=float)
     x = g[param].astype(float).to_numpy()
     if (x > 0).all() and x.max() / x.min() > 5:

@@ -1,9 +1,5 @@
-"""`python -m prefopt`: see prefopt.cli. A tool's integer result is the exit status (a grid with failed runs: 1,
-an interrupted one: 130); LightningCLI's commands end with 0 or raise."""
+"""`python -m prefopt`: see prefopt.cli."""
 
-import sys
+from prefopt.cli import run
 
-from prefopt.cli import main
-
-result = main()
-sys.exit(result if isinstance(result, int) else 0)
+run()

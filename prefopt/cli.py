@@ -308,5 +308,13 @@ def main(args: list[str] | None = None):
         raise SystemExit(2) from None
 
 
+def run() -> None:
+    """The command line's entry (`python -m prefopt`, the `prefopt` script): `main`, then exit with its status. A
+    tool's integer result is the status (a grid with failed runs: 1, an interrupted one: 130); the others' results
+    (LightningCLI, export's folder) mean 0, as errors raise."""
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run()

@@ -45,7 +45,8 @@ def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     """(runs, summary, history) of a results folder."""
     parquet = folder / "runs.parquet"
     if not parquet.is_file() and not (folder / "runs.csv").is_file():
-        raise SystemExit(f"error: {folder}: no runs.csv, not a grid's results folder (python -m prefopt grid writes one)")
+        raise SystemExit(f"error: {folder}: no runs.csv, not a grid's results folder "
+                         "(python -m prefopt grid writes one)")
     runs = pd.read_parquet(parquet) if parquet.is_file() else pd.read_csv(folder / "runs.csv")
     summary = pd.read_csv(folder / "summary.csv")
     history_path = folder / "history.csv"
@@ -246,8 +247,8 @@ def print_at_targets(table: pd.DataFrame) -> None:
         "standing": rk.standing_of(table),
         "gap vs best other": _interval(*(_column(table, f"gap_vs_best_other.{k}") for k in ("mean", "lo", "hi"))),
     })
-    if "baseline" in table and table["baseline"].notna().any():
-        name = table["baseline"].dropna().iloc[0]
+    name = _baseline(table)
+    if name is not None:
         view[f"gap vs {name} (Holm)"] = (_interval(*(_column(table, f"gap_vs_baseline.{k}") for k in ("mean", "lo", "hi")))
                                          + " " + table["vs_baseline"].fillna("").astype(str)).str.strip()
     print(view.to_string(index=False))
@@ -260,15 +261,13 @@ def print_at_targets_grid(table: pd.DataFrame) -> None:
     mean rank by gap over the targets they reached."""
     if table.empty or table["curve"].nunique() < 2:
         return
-    standing, verdict = rk.standing_of(table), _column(table, "vs_baseline").fillna("")
-    cell = (table["gap.mean"].map("{:.3f}".format) + standing.map({"best": "*", "tied": "="}).fillna("")
-            + verdict.map({"better": "+", "worse": "-"}).fillna(""))
+    cell = (table["gap.mean"].map("{:.3f}".format) + rk.standing_of(table).map({"best": "*", "tied": "="}).fillna("")
+            + _column(table, "vs_baseline").map({"better": "+", "worse": "-"}).fillna(""))
     rank = table.groupby("target")["gap.mean"].rank()
-    grid = pd.DataFrame({"curve": table["curve"], "target": table["target"], "cell": cell})
-    grid = grid.pivot(index="curve", columns="target", values="cell").fillna("")
+    grid = table.assign(cell=cell).pivot(index="curve", columns="target", values="cell").fillna("")
     grid = grid.loc[rank.groupby(table["curve"]).mean().sort_values().index]
     grid.columns = [f"KL {t:g}" for t in grid.columns]
-    name = table["baseline"].dropna().iloc[0] if "baseline" in table and table["baseline"].notna().any() else None
+    name = _baseline(table)
     print("\nGap to the frontier at each target (* best, = not told apart from the best"
           + (f", +/- better/worse than {name} (Holm)" if name else "") + "; blank: target not reached):\n")
     print(grid.to_string())
@@ -276,6 +275,12 @@ def print_at_targets_grid(table: pd.DataFrame) -> None:
 
 def _column(table: pd.DataFrame, name: str) -> pd.Series:
     return table[name] if name in table else pd.Series(math.nan, index=table.index)
+
+
+def _baseline(table: pd.DataFrame) -> str | None:
+    """The baseline an `at_targets` table compares with, None without one."""
+    named = _column(table, "baseline").dropna()
+    return str(named.iloc[0]) if len(named) else None
 
 
 def print_standings(table: pd.DataFrame) -> None:
@@ -292,8 +297,8 @@ def print_standings(table: pd.DataFrame) -> None:
         tied = sorted(rows.loc[rows["standing"] == "tied", "curve"])
         line = (f"KL {target:g}: best {best.iloc[0]}; not told apart from it: {', '.join(tied) or 'none'}; "
                 f"behind it: {int((rows['standing'] == 'behind').sum())} of {len(rows)}")
-        if "vs_baseline" in rows and rows["vs_baseline"].notna().any():
-            name = rows["baseline"].dropna().iloc[0]
+        name = _baseline(rows)
+        if name is not None:  # at_targets sets baseline and vs_baseline together
             for verdict in ("better", "worse"):
                 names = sorted(rows.loc[rows["vs_baseline"] == verdict, "curve"])
                 line += f"; {verdict} than {name} (Holm): {', '.join(names) or 'none'}"

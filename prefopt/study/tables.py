@@ -252,7 +252,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
                       " ".join(str(v) for v in sorted(ok["seed"].iloc[rows].tolist()))))
         blocks.append(_mean_std_ci95(values[rows]))
     head = pd.DataFrame(heads, columns=[*keys, "n", "seeds"])
-    table = pd.DataFrame(np.stack(blocks) if blocks else np.empty((0, 3 * len(metrics))), columns=stats)
+    table = pd.DataFrame(np.stack(blocks), columns=stats)  # ok has rows, so at least one setting
     return pd.concat([head, table], axis=1)
 
 

@@ -399,13 +399,25 @@ def test_tables_read_a_run_folder_again_only_when_its_files_change(tmp_path, mon
     assert pd.read_csv(tmp_path / "runs.csv").set_index("run").loc["r1", "val/accuracy"] == 0.75
 
 
-def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkeypatch):
+def start_stub_grid(tmp_path: Path, monkeypatch, **popen) -> tuple[Path, Path, subprocess.Popen]:
+    """A grid of 6 stub runs of 0.7 s, 2 at a time, started as `python -m prefopt grid` in its own process:
+    (grid file, results folder, the process)."""
     monkeypatch.setenv("STUB_SLEEP", "0.7")
     path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})
     out = tmp_path / "out"
     command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
                "--no-check"]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    return path, out, subprocess.Popen(command, cwd=ROOT, **popen)
+
+
+def assert_no_stub_outlived_the_grid(stub: Path) -> None:
+    for pid in {r["pid"] for r in calls(stub)}:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
+            f"process {pid} outlived the grid"
+
+
+def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkeypatch):
+    path, out, process = start_stub_grid(tmp_path, monkeypatch, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
 
     def finished() -> set[str]:  # the run folders are the record (the tables follow them, at most 5% of the time)
@@ -417,9 +429,7 @@ def test_a_grid_killed_with_sigkill_loses_no_finished_run(tmp_path, stub, monkey
     process.send_signal(signal.SIGKILL)
     process.wait()
     time.sleep(1.0)  # the stubs (or the workers running them) die with the grid (PR_SET_PDEATHSIG)
-    for pid in {r["pid"] for r in calls(stub)}:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
-            f"process {pid} outlived the grid"
+    assert_no_stub_outlived_the_grid(stub)
     finished_before = finished()
     assert 2 <= len(finished_before) < 6
     for table in out.glob("*.csv"):  # every table whole: it parses
@@ -440,15 +450,10 @@ def test_a_grid_stopped_by_kill_or_ctrl_c_ends_cleanly_and_logs_the_invocation(t
     interrupted; the same command then finishes the rest without running a finished run again."""
     if signum == signal.SIGINT and "PREFOPT_GRID_FIT_FUNCTION" not in os.environ:
         pytest.skip("Ctrl-C is the path the other tests of the runner already take; one runner mode is enough")
-    monkeypatch.setenv("STUB_SLEEP", "0.7")
-    path = write_grid(tmp_path, {"axes": {"seed": [0, 1, 2], "model.loss.beta": [0.5, 1.0]}})
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "prefopt", "grid", "--config", str(path), "--out", str(out), "--workers", "2",
-               "--no-check"]
     # Ctrl-C's SIGINT acts only where it is not ignored at start: pytest-xdist's workers ignore it, and a child
     # inherits that (as a grid started in the background by a script does), so this child gets the default back.
     restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if signum == signal.SIGINT else None
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
+    path, out, process = start_stub_grid(tmp_path, monkeypatch, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.time() + 120
     while time.time() < deadline and len(calls(stub)) < 2:
         time.sleep(0.1)
@@ -457,9 +462,7 @@ def test_a_grid_stopped_by_kill_or_ctrl_c_ends_cleanly_and_logs_the_invocation(t
     assert process.returncode == 130, err
     assert "interrupted: run the same command again to resume" in err
     time.sleep(0.5)
-    for pid in {r["pid"] for r in calls(stub)}:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
-            f"process {pid} outlived the grid"
+    assert_no_stub_outlived_the_grid(stub)
     log = json.loads((out / "grid.json").read_text())
     assert [entry["ended"] for entry in log] == ["interrupted"] and log[0]["ok"] < 6
     finished_before = {n for n in pd.read_csv(out / "runs.csv").query("status == 'ok'")["run"]}
@@ -468,6 +471,19 @@ def test_a_grid_stopped_by_kill_or_ctrl_c_ends_cleanly_and_logs_the_invocation(t
     starts = [r["run"] for r in calls(stub)]
     assert all(starts.count(r) == 1 for r in finished_before), "a finished run was run again"
     assert set(pd.read_csv(out / "runs.csv")["status"]) == {"ok"}
+
+
+def test_the_command_line_exits_with_the_tools_status(monkeypatch):
+    """`python -m prefopt` and the `prefopt` script both go through cli.run: a tool's integer result is the exit
+    status; LightningCLI's object (fit) or export's folder means success, not sys.exit(object)'s status 1."""
+    from prefopt import cli
+
+    assert "prefopt = \"prefopt.cli:run\"" in (ROOT / "pyproject.toml").read_text()
+    for result, status in ((1, 1), (130, 130), (0, 0), (object(), 0), (Path("exported"), 0)):
+        monkeypatch.setattr(cli, "main", lambda result=result: result)
+        with pytest.raises(SystemExit) as exit_:
+            cli.run()
+        assert exit_.value.code == status
 
 
 def test_workers_run_many_runs_each_and_survive_a_failed_run(tmp_path, stub, monkeypatch):
